@@ -1,0 +1,243 @@
+"""Our own options as small documented dataclasses; everything else is ``transformers.TrainingArguments``.
+
+One parser merges, in increasing precedence: project defaults, a YAML recipe, command-line flags. Every
+TrainingArguments option keeps its own name, so Hugging Face docs and habits carry over. A recipe may group
+SwanLab options under a ``swanlab:`` section (``swanlab: {project: p}`` is ``--swanlab_project p``).
+"""
+
+from __future__ import annotations
+
+import sys
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+
+import yaml
+from transformers import HfArgumentParser, TrainingArguments
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+DEFAULT_RECIPE = REPO_ROOT / "recipes" / "tiny_tang.yaml"
+
+
+@dataclass
+class ModelArguments:
+    model_name_or_path: str = field(
+        default="builtin:tiny-llama",
+        metadata={
+            "help": "Hub id or local folder of the base model. 'builtin:tiny-llama' is a ~2M-parameter Llama built "
+            "locally (tokenizer trained on your data) that runs the whole pipeline on a CPU in minutes."
+        },
+    )
+    attn_implementation: str = field(
+        default="auto",
+        metadata={
+            "help": "auto | flash_attention_2 | sdpa | eager | flex_attention. auto = flash_attention_2 when the "
+            "flash_attn package and a CUDA device are present, else sdpa."
+        },
+    )
+    dtype: str = field(
+        default="auto",
+        metadata={
+            "help": "Dtype of the loaded weights: auto | float32 | bfloat16 | float16. auto = float32 for full "
+            "fine-tuning (mixed precision comes from --bf16), bfloat16 for LoRA/QLoRA on CUDA, float32 on CPU."
+        },
+    )
+    trust_remote_code: bool = field(default=False, metadata={"help": "Allow model code from the hub (opt-in)."})
+    add_special_tokens: str | None = field(
+        default=None,
+        metadata={
+            "help": "Comma list of tokens to add as special tokens (e.g. '<|im_start|>,<|im_end|>'); embeddings are "
+            "resized to a multiple of 64 and trained/saved with the adapter."
+        },
+    )
+
+
+@dataclass
+class DataArguments:
+    dataset: str = field(
+        default="tang",
+        metadata={"help": "Registered name(s) (see data/datasets.yaml) or .json/.jsonl paths, comma-separated."},
+    )
+    eval_dataset: str | None = field(default=None, metadata={"help": "Evaluation data, same syntax as --dataset."})
+    data_dir: str | None = field(
+        default=None, metadata={"help": "Folder with local copies of registered datasets (or env SFT_DATA_DIR)."}
+    )
+    template: str = field(
+        default="auto",
+        metadata={"help": "Chat template: auto (the tokenizer's own) | chatml | llama2 ([INST] <<SYS>> format)."},
+    )
+    system: str | None = field(
+        default=None, metadata={"help": "System prompt added to conversations that have none."}
+    )
+    max_length: int = field(default=1024, metadata={"help": "Longest example (and packed row) in tokens."})
+    on_overlong: str = field(
+        default="truncate", metadata={"help": "Examples longer than --max_length: truncate | drop (both counted)."}
+    )
+    on_bad_record: str = field(
+        default="error",
+        metadata={"help": "error: stop at the first bad record (file:line named) | skip: skip and list in report."},
+    )
+    packing: bool = field(
+        default=False,
+        metadata={
+            "help": "Pack examples into rows of --max_length (best-fit-decreasing); examples never attend to each "
+            "other (per-example attention from position_ids on every backend)."
+        },
+    )
+    padding_free: bool = field(
+        default=False, metadata={"help": "Unpacked data: flatten each micro-batch into one row (no padding)."}
+    )
+    val_size: float = field(
+        default=0.0, metadata={"help": "Held-out share (<1) or count (>=1) of the training data for evaluation."}
+    )
+    max_samples: int | None = field(default=None, metadata={"help": "Use only the first N training records."})
+    preprocessing_num_workers: int | None = field(default=None, metadata={"help": "Processes for tokenisation."})
+    sample_prompts: str | None = field(
+        default="auto",
+        metadata={
+            "help": "Prompts generated before/after training and at each evaluation: a .json/.jsonl file, 'auto' "
+            "(the dataset's registered test split, if any) or 'none'."
+        },
+    )
+    num_sample_prompts: int = field(default=3, metadata={"help": "How many sample prompts to generate for."})
+    sample_max_new_tokens: int = field(default=64, metadata={"help": "Tokens generated per sample prompt."})
+
+
+@dataclass
+class FinetuneArguments:
+    finetuning_type: str = field(default="full", metadata={"help": "full | lora | qlora (4-bit NF4 base + LoRA)."})
+    lora_r: int = field(default=8, metadata={"help": "LoRA rank."})
+    lora_alpha: int = field(default=16, metadata={"help": "LoRA alpha (scale = alpha / r)."})
+    lora_dropout: float = field(default=0.05, metadata={"help": "LoRA dropout."})
+    lora_target: str = field(
+        default="all-linear", metadata={"help": "all-linear (every linear layer but the head) or a comma list."}
+    )
+    modules_to_save: str | None = field(
+        default=None, metadata={"help": "Comma list of modules trained in full and saved with the adapter."}
+    )
+    use_dora: bool = field(default=False, metadata={"help": "Weight-decomposed LoRA (DoRA)."})
+    global_batch_size: int | None = field(
+        default=None,
+        metadata={
+            "help": "Examples (rows when packing) per optimizer step over all processes; gradient accumulation is "
+            "computed as N / (per-device batch x world size)."
+        },
+    )
+    overwrite_output_dir: bool = field(
+        default=False, metadata={"help": "Start over in an output dir that holds a finished or unfinished run."}
+    )
+
+
+@dataclass
+class TrackingArguments:
+    swanlab_project: str = field(default="sft-trainer", metadata={"help": "SwanLab project."})
+    swanlab_experiment_name: str | None = field(default=None, metadata={"help": "SwanLab run name."})
+    swanlab_workspace: str | None = field(default=None, metadata={"help": "SwanLab workspace (organisation)."})
+    swanlab_mode: str = field(
+        default="local",
+        metadata={"help": "cloud | local (dashboard: swanlab watch DIR) | offline (sync later) | disabled."},
+    )
+    swanlab_logdir: str | None = field(default=None, metadata={"help": "Local log folder (default OUTPUT/swanlog)."})
+    swanlab_description: str | None = field(default=None, metadata={"help": "Run description."})
+
+
+ARGUMENT_CLASSES = (ModelArguments, DataArguments, FinetuneArguments, TrackingArguments, TrainingArguments)
+
+# Where our defaults differ from TrainingArguments' for a fine-tuning tool.
+TRAINING_DEFAULTS = {
+    "output_dir": "outputs/run",
+    "logging_steps": 10,
+    "save_steps": 200,
+    "save_total_limit": 3,
+    "report_to": "swanlab",
+    "ddp_timeout": 600,
+    "remove_unused_columns": False,
+}
+
+
+@dataclass
+class Config:
+    model: ModelArguments
+    data: DataArguments
+    finetune: FinetuneArguments
+    tracking: TrackingArguments
+    training: TrainingArguments
+    recipe: Path | None
+
+
+class ConfigError(ValueError):
+    """A recipe or flag combination that cannot run; the message says what to change."""
+
+
+def _read_recipe(path: Path, known: set[str]) -> dict:
+    try:
+        loaded = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except (OSError, yaml.YAMLError) as error:
+        raise ConfigError(f"{path}: cannot read recipe: {error}") from error
+    if not isinstance(loaded, dict):
+        raise ConfigError(f"{path}: a recipe is a mapping of option: value")
+    values = {}
+    for key, value in loaded.items():
+        if key == "swanlab" and isinstance(value, dict):
+            for sub, sub_value in value.items():
+                values[f"swanlab_{sub}"] = sub_value
+        else:
+            values[key] = value
+    unknown = sorted(set(values) - known)
+    if unknown:
+        raise ConfigError(f"{path}: unknown option(s) {', '.join(unknown)}; see --help for the names")
+    return values
+
+
+def build_parser() -> HfArgumentParser:
+    parser = HfArgumentParser(ARGUMENT_CLASSES)
+    parser.prog = "trainer/sft.py"
+    parser.description = (
+        "Supervised fine-tuning. Usage: accelerate launch trainer/sft.py [RECIPE.yaml] [--option value ...]. "
+        f"Options come from project defaults, then the recipe (default: {DEFAULT_RECIPE.relative_to(REPO_ROOT)} "
+        "when none is given), then the command line. All transformers TrainingArguments options are accepted "
+        "under their own names."
+    )
+    parser.set_defaults(**TRAINING_DEFAULTS)
+    return parser
+
+
+def parse_config(argv: list[str] | None = None) -> Config:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    recipe = None
+    if argv and not argv[0].startswith("-"):
+        recipe = Path(argv.pop(0))
+        if not recipe.is_file():
+            raise ConfigError(f"{recipe}: recipe file not found")
+    elif not any(a in ("-h", "--help") for a in argv):
+        recipe = DEFAULT_RECIPE
+    parser = build_parser()
+    known = {f.name for cls in ARGUMENT_CLASSES for f in fields(cls) if f.init}
+    if recipe is not None:
+        parser.set_defaults(**_read_recipe(recipe, known))
+    model, data, finetune, tracking, training, extra = parser.parse_args_into_dataclasses(
+        args=argv, return_remaining_strings=True
+    )
+    extra = [a for a in extra if not a.startswith("--local_rank") and not a.startswith("--local-rank")]
+    if extra:
+        raise ConfigError(f"unrecognised argument(s): {' '.join(extra)}; see --help")
+    _check_choices(model, data, finetune, tracking)
+    return Config(model, data, finetune, tracking, training, recipe)
+
+
+def _check_choices(model: ModelArguments, data: DataArguments, finetune: FinetuneArguments, tracking) -> None:
+    choices = {
+        "--finetuning_type": (finetune.finetuning_type, ("full", "lora", "qlora")),
+        "--on_overlong": (data.on_overlong, ("truncate", "drop")),
+        "--on_bad_record": (data.on_bad_record, ("error", "skip")),
+        "--swanlab_mode": (tracking.swanlab_mode, ("cloud", "local", "offline", "disabled")),
+        "--attn_implementation": (
+            model.attn_implementation,
+            ("auto", "flash_attention_2", "flash_attention_3", "sdpa", "eager", "flex_attention"),
+        ),
+        "--dtype": (model.dtype, ("auto", "float32", "bfloat16", "float16")),
+    }
+    for flag, (value, allowed) in choices.items():
+        if value not in allowed:
+            raise ConfigError(f"{flag} {value!r}: expected one of {', '.join(allowed)}")
+    if data.max_length < 2:
+        raise ConfigError(f"--max_length {data.max_length}: must be at least 2")

@@ -1,0 +1,110 @@
+"""Loading the base model and tokenizer: attention backend, dtype, 4-bit quantisation, special tokens.
+
+Shared by training, generation and merging so that all three see the same model the same way.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import logging
+
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+
+logger = logging.getLogger(__name__)
+
+FLASH_ATTN_INSTALL = "pip install 'sft-trainer[flash]' (or: pip install flash-attn --no-build-isolation)"
+
+
+class ModelSetupError(ValueError):
+    pass
+
+
+def choose_attention(requested: str) -> str:
+    """``auto`` → flash_attention_2 where it can run (flash_attn importable and CUDA present), else sdpa."""
+    has_flash = importlib.util.find_spec("flash_attn") is not None
+    if requested == "auto":
+        return "flash_attention_2" if has_flash and torch.cuda.is_available() else "sdpa"
+    if requested == "flash_attention_2" and not has_flash:
+        raise ModelSetupError(f"--attn_implementation flash_attention_2: the flash_attn package is missing; "
+                              f"install it with {FLASH_ATTN_INSTALL}, or use sdpa")
+    if requested == "flash_attention_2" and not torch.cuda.is_available():
+        raise ModelSetupError("--attn_implementation flash_attention_2 needs a CUDA device; use sdpa on CPU")
+    return requested
+
+
+def choose_dtype(requested: str, finetuning_type: str) -> torch.dtype:
+    if requested != "auto":
+        return getattr(torch, requested)
+    if finetuning_type in ("lora", "qlora") and torch.cuda.is_available() and torch.cuda.is_bf16_supported():
+        return torch.bfloat16
+    return torch.float32
+
+
+def load_tokenizer(path: str, trust_remote_code: bool = False) -> PreTrainedTokenizerBase:
+    tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
+    if tokenizer.pad_token is None:
+        # Labels are built from assistant spans, never from "ids equal to pad", so reusing an existing token as
+        # padding cannot erase the EOS labels (the classic pad == eos bug of DataCollatorForLanguageModeling).
+        tokenizer.pad_token = tokenizer.unk_token or tokenizer.eos_token
+        logger.info("tokenizer has no pad token; padding with %r (padding is never labelled)", tokenizer.pad_token)
+    return tokenizer
+
+
+def add_special_tokens(tokenizer: PreTrainedTokenizerBase, tokens: list[str]) -> list[str]:
+    """Add the tokens the tokenizer lacks; returns those added (embeddings must then be resized)."""
+    missing = [t for t in tokens if t not in tokenizer.get_vocab()]
+    if missing:
+        tokenizer.add_special_tokens({"additional_special_tokens": missing}, replace_extra_special_tokens=False)
+    return missing
+
+
+def quantization_config(compute_dtype: torch.dtype):
+    """The QLoRA recipe: 4-bit NF4 with double quantisation, as in the Tang-poem notebook."""
+    if importlib.util.find_spec("bitsandbytes") is None:
+        raise ModelSetupError("--finetuning_type qlora needs bitsandbytes: pip install bitsandbytes")
+    from transformers import BitsAndBytesConfig
+
+    return BitsAndBytesConfig(
+        load_in_4bit=True,
+        bnb_4bit_quant_type="nf4",
+        bnb_4bit_use_double_quant=True,
+        bnb_4bit_compute_dtype=compute_dtype,
+    )
+
+
+def load_model(
+    path: str,
+    *,
+    finetuning_type: str = "full",
+    attn_implementation: str = "auto",
+    dtype: str = "auto",
+    trust_remote_code: bool = False,
+    device_map: str | dict | None = None,
+) -> PreTrainedModel:
+    torch_dtype = choose_dtype(dtype, finetuning_type)
+    kwargs = {}
+    if finetuning_type == "qlora":
+        compute = torch.bfloat16 if torch_dtype == torch.float32 else torch_dtype
+        kwargs["quantization_config"] = quantization_config(compute)
+        kwargs["device_map"] = device_map or ({"": torch.cuda.current_device()} if torch.cuda.is_available() else "cpu")
+    elif device_map is not None:
+        kwargs["device_map"] = device_map
+    model = AutoModelForCausalLM.from_pretrained(
+        path,
+        dtype=torch_dtype,
+        attn_implementation=choose_attention(attn_implementation),
+        trust_remote_code=trust_remote_code,
+        **kwargs,
+    )
+    # A KV cache during training both wastes memory and, with packed rows, silently drops the per-example mask.
+    model.config.use_cache = False
+    return model
+
+
+def resize_for_tokenizer(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase) -> bool:
+    """Grow the embeddings to hold every tokenizer id (padded to a multiple of 64 for fast matmuls)."""
+    if len(tokenizer) <= model.get_input_embeddings().weight.shape[0]:
+        return False
+    model.resize_token_embeddings(len(tokenizer), pad_to_multiple_of=64)
+    return True

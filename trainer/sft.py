@@ -1,0 +1,185 @@
+"""Supervised fine-tuning: ``accelerate launch trainer/sft.py [RECIPE.yaml] [--option value ...]``.
+
+Reads top to bottom like the data flow: config → data (validated before any model is loaded) → tokenizer →
+ids + labels (+ packing) → model (+ LoRA/QLoRA) → Trainer → saved model, report, plot, samples.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+if __package__ in (None, ""):  # run as a script: import the package from the repo root, not from trainer/
+    sys.path[0] = str(Path(__file__).resolve().parents[1])
+
+import logging
+import os
+
+import transformers
+from transformers.trainer_utils import set_seed
+
+from trainer import outputs
+from trainer.args import Config, ConfigError, parse_config
+from trainer.batch import BatchSizeError, gradient_accumulation_for, world_size_from_env
+from trainer.callbacks.preemption import PREEMPTED_EXIT_CODE, PreemptionCallback
+from trainer.checkpoints import CheckpointError, MarkCompleteCallback, resolve_resume
+from trainer.data.build import build_datasets, read_records
+from trainer.data.formats import DataError
+from trainer.data.packing import PackedCollator, PaddedCollator, PaddingFreeCollator, install_isolation_guard
+from trainer.data.registry import cache_root
+from trainer.data.templates import TemplateError, end_of_turn_token_id, resolve_template
+from trainer.model import ModelSetupError, add_special_tokens, load_model, load_tokenizer, resize_for_tokenizer
+from trainer.samples import SampleRecorder, load_sample_prompts
+from trainer.sft_trainer import SFTTrainer
+from trainer.tiny import build_tiny_model, is_builtin
+
+logger = logging.getLogger("sft")
+
+USER_ERRORS = (ConfigError, DataError, TemplateError, ModelSetupError, BatchSizeError, CheckpointError,
+               outputs.OutputDirError)
+
+
+def setup_logging(cfg: Config) -> None:
+    rank = int(os.environ.get("RANK", "0"))
+    level = logging.INFO if rank == 0 else logging.WARNING
+    logging.basicConfig(format=f"[%(asctime)s rank{rank}] %(name)s: %(message)s", datefmt="%H:%M:%S", level=level)
+    transformers.logging.set_verbosity(level)
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+def apply_global_batch(cfg: Config, world_size: int) -> None:
+    args = cfg.training
+    if cfg.finetune.global_batch_size:
+        args.gradient_accumulation_steps = gradient_accumulation_for(
+            cfg.finetune.global_batch_size, args.per_device_train_batch_size, world_size
+        )
+    global_batch = args.per_device_train_batch_size * world_size * args.gradient_accumulation_steps
+    logger.info(
+        "world size %d (rank %s, local rank %s, node rank %s); global batch %d = %d per device x %d processes x %d "
+        "accumulation; device %s",
+        world_size, os.environ.get("RANK", "0"), os.environ.get("LOCAL_RANK", "0"),
+        os.environ.get("GROUP_RANK", os.environ.get("NODE_RANK", "0")), global_batch,
+        args.per_device_train_batch_size, world_size, args.gradient_accumulation_steps, args.device,
+    )
+
+
+def collator_for(cfg: Config, attn: str, pad_token_id: int):
+    if cfg.data.packing:
+        return PackedCollator(pad_token_id, flatten=attn.startswith("flash_attention"))
+    if cfg.data.padding_free:
+        return PaddingFreeCollator()
+    return PaddedCollator(pad_token_id)
+
+
+def run(cfg: Config) -> int:
+    args = cfg.training
+    world_size = world_size_from_env()
+    apply_global_batch(cfg, world_size)
+    resume = outputs.check_output_dir(args.output_dir, args.resume_from_checkpoint, cfg.finetune.overwrite_output_dir)
+    resume = resolve_resume(resume, args.output_dir)
+    set_seed(args.seed)
+
+    # Data first: a broken record must fail in seconds, before gigabytes of weights are loaded.
+    train_records = read_records(cfg.data.dataset, data_dir=cfg.data.data_dir, on_bad_record=cfg.data.on_bad_record,
+                                 system=cfg.data.system)
+    if cfg.data.max_samples:
+        train_records.conversations = train_records.conversations[: cfg.data.max_samples]
+    eval_records = None
+    if cfg.data.eval_dataset:
+        eval_records = read_records(cfg.data.eval_dataset, data_dir=cfg.data.data_dir,
+                                    on_bad_record=cfg.data.on_bad_record, system=cfg.data.system)
+
+    model_path = cfg.model.model_name_or_path
+    if is_builtin(model_path):
+        with args.main_process_first(desc="building the built-in model"):
+            texts = [m["content"] for c in train_records.conversations for m in c]
+            model_path = str(build_tiny_model(model_path, texts, seed=args.seed))
+    tokenizer = load_tokenizer(model_path, cfg.model.trust_remote_code)
+    added = add_special_tokens(tokenizer, cfg.model.add_special_tokens.split(",")) \
+        if cfg.model.add_special_tokens else []
+    template = resolve_template(cfg.data.template, tokenizer)
+    tokenizer.chat_template = template  # saved with the model: inference renders prompts as training did
+
+    with args.main_process_first(desc="tokenising"):
+        data = build_datasets(
+            train_records, eval_records, tokenizer, template,
+            max_length=cfg.data.max_length, on_overlong=cfg.data.on_overlong, val_size=cfg.data.val_size,
+            packing=cfg.data.packing, seed=args.seed, num_proc=cfg.data.preprocessing_num_workers,
+            cache_dir=cache_root() / "tokenized", show_progress=args.process_index == 0,
+        )
+    logger.info("%s", data.report.summary())
+    if args.process_index == 0:
+        data.report.write(args.output_dir)
+    if data.eval is None and args.eval_strategy != "no":
+        raise ConfigError(f"--eval_strategy {args.eval_strategy} needs evaluation data: --val_size or --eval_dataset")
+
+    model = load_model(model_path, finetuning_type=cfg.finetune.finetuning_type,
+                       attn_implementation=cfg.model.attn_implementation, dtype=cfg.model.dtype,
+                       trust_remote_code=cfg.model.trust_remote_code)
+    resized = resize_for_tokenizer(model, tokenizer)
+    stop_ids = sorted({tokenizer.eos_token_id, end_of_turn_token_id(tokenizer, template)} - {None})
+    model.generation_config.eos_token_id = stop_ids
+    model.generation_config.pad_token_id = tokenizer.pad_token_id
+    if cfg.finetune.finetuning_type in ("lora", "qlora"):
+        from trainer.lora import apply_lora
+
+        model = apply_lora(model, cfg.finetune, seed=args.seed, gradient_checkpointing=args.gradient_checkpointing,
+                           train_embeddings=bool(added) or resized)
+    if cfg.data.packing or cfg.data.padding_free:
+        install_isolation_guard(model)
+    logger.info("model %s: attention %s, dtype %s, %s fine-tuning", cfg.model.model_name_or_path,
+                model.config._attn_implementation, model.dtype, cfg.finetune.finetuning_type)
+
+    samples = SampleRecorder(load_sample_prompts(cfg), tokenizer, stop_ids, cfg.data.sample_max_new_tokens)
+    if args.process_index == 0 and not resume and samples.can_generate(args):
+        samples.record("before", model)
+
+    preemption = PreemptionCallback()
+    callbacks = [MarkCompleteCallback(), preemption, *samples.callbacks(args)]
+    if "swanlab" in (args.report_to or []):
+        from trainer.callbacks.swanlab import make_swanlab_callback
+
+        args.report_to = [r for r in args.report_to if r != "swanlab"]
+        callbacks.append(make_swanlab_callback(cfg, data.report, world_size))
+
+    trainer = SFTTrainer(
+        model=model, args=args, train_dataset=data.train, eval_dataset=data.eval,
+        data_collator=collator_for(cfg, model.config._attn_implementation, tokenizer.pad_token_id),
+        processing_class=tokenizer, callbacks=callbacks,
+    )
+    result = trainer.train(resume_from_checkpoint=resume)
+    if preemption.preempted:
+        logger.warning("preempted: checkpoint saved in %s; resume with --resume_from_checkpoint latest",
+                       args.output_dir)
+        return PREEMPTED_EXIT_CODE
+
+    trainer.save_model()
+    trainer.save_state()
+    trainer.log_metrics("train", result.metrics)
+    if trainer.is_world_process_zero():
+        tokenizer.save_pretrained(args.output_dir)
+        if samples.prompts:
+            samples.record("after", outputs.model_for_generation(trainer, args.output_dir))
+            samples.write(args.output_dir)
+        outputs.plot_loss(trainer.state.log_history, Path(args.output_dir) / "loss.png")
+        trainer.save_metrics("train", result.metrics)  # written last: marks the run finished
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    try:
+        cfg = parse_config(argv)
+    except ConfigError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    setup_logging(cfg)
+    try:
+        return run(cfg)
+    except USER_ERRORS as error:
+        logger.error("%s", error)
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
