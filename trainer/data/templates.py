@@ -12,8 +12,9 @@ The difference is the assistant turn *including its end-of-turn marker* (``<|im_
 be learned or the model never stops. Trailing whitespace after the marker is not trained: at inference the
 model stops at the marker and never generates it.
 
-The full text is then tokenised once, with character offsets, and a token is labelled when it starts inside a
-trained span. Tokenising once (rather than piece by piece) keeps the ids identical to what
+The full text is then tokenised once, with character offsets, and a token is labelled when it overlaps a
+trained span (a tokenizer may merge the newline before an answer with its first characters: that token is
+trained rather than losing the start of the answer). Tokenising once (rather than piece by piece) keeps the ids identical to what
 ``apply_chat_template(..., tokenize=True)`` gives at inference time, whatever the tokenizer's prefix-space rules.
 
 Built-in templates are plain Jinja too, so the template used for training is saved with the tokenizer and
@@ -120,10 +121,10 @@ def tokenize_conversation(
     input_ids = list(encoding["input_ids"])
     labels = [IGNORE_INDEX] * len(input_ids)
     k = 0
-    for t, (start, _end) in enumerate(encoding["offset_mapping"]):
+    for t, (start, end) in enumerate(encoding["offset_mapping"]):
         while k < len(spans) and start >= spans[k][1]:
             k += 1
-        if k < len(spans) and spans[k][0] <= start:
+        if k < len(spans) and end > spans[k][0]:  # overlaps the span: a token merging "\n" + answer is trained
             labels[t] = input_ids[t]
     truncated = max_length is not None and len(input_ids) > max_length
     if truncated:

@@ -1,0 +1,76 @@
+"""Shared fixtures: the shared data sets, a persistent test cache, and a runner for the real entry point.
+
+The cache (built-in tiny models, tokenised data, DeepSpeed's compiled ops) lives in ``.cache/tests`` at the
+repo root so that repeated test runs, and the subprocesses of one run, build each thing once.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED_DATA = REPO.parent / "shared" / "data"
+TEST_CACHE = REPO / ".cache" / "tests"
+
+os.environ.setdefault("SFT_CACHE_DIR", str(TEST_CACHE))
+os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(REPO / ".cache" / "torch_extensions"))
+os.environ.setdefault("SFT_DATA_DIR", str(SHARED_DATA))
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+def shared_file(*parts: str) -> Path:
+    path = SHARED_DATA.joinpath(*parts)
+    if not path.is_file():
+        pytest.skip(f"shared data {path} not present")
+    return path
+
+
+@pytest.fixture(scope="session")
+def tang_records() -> list[dict]:
+    return json.loads(shared_file("tang", "Tang_training_data.json").read_text(encoding="utf-8"))
+
+
+@pytest.fixture(scope="session")
+def tang_slice(tang_records, tmp_path_factory) -> Path:
+    """The first 64 Tang records as a small training file."""
+    path = tmp_path_factory.mktemp("data") / "tang64.json"
+    path.write_text(json.dumps(tang_records[:64], ensure_ascii=False), encoding="utf-8")
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tang_records) -> Path:
+    """The built-in tiny Llama with a tokenizer trained on the Tang texts (built once, cached)."""
+    from trainer.tiny import build_tiny_model
+
+    texts = [r["instruction"] + "\n" + r["input"] + r["output"] for r in tang_records]
+    return build_tiny_model("builtin:tiny-llama", texts, seed=0)
+
+
+def run_sft(
+    *args: str, nproc: int = 1, launch_config: str | None = None, env: dict | None = None, timeout: int = 600,
+    expect_ok: bool = True,
+) -> subprocess.CompletedProcess:
+    """Run the real entry point in a subprocess: plain python, or accelerate with ``nproc`` CPU processes."""
+    full_env = {**os.environ, "OMP_NUM_THREADS": "1" if nproc > 1 else os.environ.get("OMP_NUM_THREADS", "2"),
+                "PYTHONUNBUFFERED": "1", **(env or {})}
+    if launch_config:
+        command = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", launch_config]
+        command += ["--num_processes", str(nproc)]
+    elif nproc > 1:
+        command = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_machines", "1",
+                   "--num_processes", str(nproc)]
+        full_env["ACCELERATE_USE_CPU"] = "1"
+    else:
+        command = [sys.executable]
+    command += [str(REPO / "trainer" / "sft.py"), *args]
+    result = subprocess.run(command, cwd=REPO, env=full_env, capture_output=True, text=True, timeout=timeout)
+    if expect_ok and result.returncode != 0:
+        raise AssertionError(f"sft.py exited {result.returncode}\n--- stderr ---\n{result.stderr[-6000:]}")
+    return result
