@@ -14,8 +14,9 @@ model stops at the marker and never generates it.
 
 The full text is then tokenised once, with character offsets, and a token is labelled when it overlaps a
 trained span (a tokenizer may merge the newline before an answer with its first characters: that token is
-trained rather than losing the start of the answer). Tokenising once (rather than piece by piece) keeps the ids identical to what
-``apply_chat_template(..., tokenize=True)`` gives at inference time, whatever the tokenizer's prefix-space rules.
+trained rather than losing the start of the answer). Tokenising once (rather than piece by piece) keeps the
+ids identical to what ``apply_chat_template(..., tokenize=True)`` gives at inference time, whatever the
+tokenizer's prefix-space rules.
 
 Built-in templates are plain Jinja too, so the template used for training is saved with the tokenizer and
 ``tokenizer.apply_chat_template`` reproduces the training prompt anywhere the model is loaded.
