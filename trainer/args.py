@@ -212,16 +212,33 @@ def parse_config(argv: list[str] | None = None) -> Config:
         recipe = DEFAULT_RECIPE
     parser = build_parser()
     known = {f.name for cls in ARGUMENT_CLASSES for f in fields(cls) if f.init}
-    if recipe is not None:
-        parser.set_defaults(**_read_recipe(recipe, known))
-    model, data, finetune, tracking, training, extra = parser.parse_args_into_dataclasses(
-        args=argv, return_remaining_strings=True
-    )
+    recipe_values = _read_recipe(recipe, known) if recipe is not None else {}
+    parser.set_defaults(**recipe_values)
+    _check_deepspeed_file(argv, recipe_values.get("deepspeed"))
+    try:
+        model, data, finetune, tracking, training, extra = parser.parse_args_into_dataclasses(
+            args=argv, return_remaining_strings=True
+        )
+    except ValueError as error:  # TrainingArguments' own validation: already a message for users
+        raise ConfigError(str(error)) from error
     extra = [a for a in extra if not a.startswith("--local_rank") and not a.startswith("--local-rank")]
     if extra:
         raise ConfigError(f"unrecognised argument(s): {' '.join(extra)}; see --help")
     _check_choices(model, data, finetune, tracking)
     return Config(model, data, finetune, tracking, training, recipe)
+
+
+def _check_deepspeed_file(argv: list[str], from_recipe: str | None) -> None:
+    """A missing DeepSpeed config is named plainly, with the shipped ones, before anything starts."""
+    value = from_recipe
+    for i, arg in enumerate(argv):
+        if arg == "--deepspeed" and i + 1 < len(argv):
+            value = argv[i + 1]
+        elif arg.startswith("--deepspeed="):
+            value = arg.split("=", 1)[1]
+    if isinstance(value, str) and value.endswith(".json") and not Path(value).is_file():
+        shipped = ", ".join(sorted(str(p.relative_to(REPO_ROOT)) for p in (REPO_ROOT / "ds_configs").glob("*.json")))
+        raise ConfigError(f"--deepspeed {value}: file not found; the shipped configs are {shipped}")
 
 
 def _check_choices(model: ModelArguments, data: DataArguments, finetune: FinetuneArguments, tracking) -> None:

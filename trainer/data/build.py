@@ -16,7 +16,7 @@ from pathlib import Path
 from datasets import Dataset, disable_progress_bars, enable_progress_bars
 from transformers import PreTrainedTokenizerBase
 
-from trainer.data.formats import Conversation, SkippedRecord, read_conversations
+from trainer.data.formats import Conversation, DataError, SkippedRecord, read_conversations
 from trainer.data.packing import PackingStats, pack_dataset, packing_stats
 from trainer.data.registry import resolve_dataset
 from trainer.data.templates import IGNORE_INDEX, tokenize_conversation
@@ -89,7 +89,7 @@ def split_eval(conversations: list[Conversation], val_size: float, seed: int) ->
         return conversations, []
     n_eval = int(round(val_size * len(conversations))) if val_size < 1 else int(val_size)
     if not 0 < n_eval < len(conversations):
-        raise ValueError(f"--val_size {val_size}: leaves no train or no eval example of {len(conversations)}")
+        raise DataError(f"--val_size {val_size}: leaves no train or no eval example of {len(conversations)}")
     import random
 
     order = list(range(len(conversations)))
@@ -204,7 +204,7 @@ def build_datasets(
     train = tokenize(train_conversations, tokenizer, template, **options)
     evaluation = tokenize(eval_conversations, tokenizer, template, **options) if eval_conversations else None
     if len(train) == 0:
-        raise ValueError("no training example left after tokenisation; see the data report above")
+        raise DataError(f"no training example left after tokenisation: {report.summary()}")
     report.train_examples, report.eval_examples = len(train), len(evaluation) if evaluation is not None else 0
     report.tokens, report.label_tokens = count_tokens(train)
     stats = None

@@ -367,30 +367,34 @@ def install_isolation_guard(model: torch.nn.Module) -> RemovableHandle:
             return
         config = getattr(module, "config", None)
         attention_mask = _arg("attention_mask", args, kwargs)
-        if isinstance(attention_mask, torch.Tensor) and attention_mask.dim() == 2:
-            if _restarts_inside_rows(position_ids, attention_mask):
-                raise RuntimeError(
-                    "packed batch (position_ids restart inside a row) passed together with a 2-D attention_mask: "
-                    "transformers then ignores the example boundaries and every example attends to the ones before "
-                    "it. Drop the attention_mask for packed data (PackedCollator / PaddingFreeCollator never emit one)."
-                )
+        mask_2d = attention_mask if isinstance(attention_mask, torch.Tensor) and attention_mask.dim() == 2 else None
         use_cache = _arg("use_cache", args, kwargs)
         if use_cache is None:
             use_cache = bool(getattr(config, "use_cache", False))
         has_cache = use_cache or _arg("past_key_values", args, kwargs) is not None
-        if has_cache and _restarts_inside_rows(position_ids, None):
+        attn = str(getattr(config, "_attn_implementation", "") or "")
+        rows = position_ids.shape[-2] if position_ids.dim() >= 2 else 1
+        flash_multi_row = "flash" in attn and rows > 1
+        if mask_2d is None and not has_cache and not flash_multi_row:
+            return  # the training path: nothing to read from the tensors
+        if not _restarts_inside_rows(position_ids, mask_2d):
+            return
+        if mask_2d is not None:
+            raise RuntimeError(
+                "packed batch (position_ids restart inside a row) passed together with a 2-D attention_mask: "
+                "transformers then ignores the example boundaries and every example attends to the ones before "
+                "it. Drop the attention_mask for packed data (PackedCollator / PaddingFreeCollator never emit one)."
+            )
+        if has_cache:
             raise RuntimeError(
                 "packed batch (position_ids restart inside a row) with a KV cache enabled (use_cache=True, or "
                 "config.use_cache=True and no use_cache argument): with a cache transformers builds a plain causal "
                 "mask and the examples attend to each other. Pass use_cache=False or set model.config.use_cache=False."
             )
-        attn = str(getattr(config, "_attn_implementation", "") or "")
-        if "flash" in attn and position_ids.dim() >= 2 and position_ids.shape[-2] > 1:
-            if _restarts_inside_rows(position_ids, None):
-                raise RuntimeError(
-                    f"packed rows in a batch of {position_ids.shape[-2]} on {attn}: transformers uses the varlen "
-                    "(per-example) flash kernel only at batch size 1, so these examples would attend to each other. "
-                    "Use PackedCollator(flatten=True) or PaddingFreeCollator."
-                )
+        raise RuntimeError(
+            f"packed rows in a batch of {rows} on {attn}: transformers uses the varlen (per-example) flash kernel "
+            "only at batch size 1, so these examples would attend to each other. "
+            "Use PackedCollator(flatten=True) or PaddingFreeCollator."
+        )
 
     return target.register_forward_pre_hook(_hook, with_kwargs=True)

@@ -1,0 +1,251 @@
+"""Packing: bin packing, row layout, statistics and collators (no model needed)."""
+
+import json
+import os
+import random
+import time
+from pathlib import Path
+
+import datasets
+import pytest
+import torch
+
+from trainer.data.packing import (
+    IGNORE_INDEX,
+    PackedCollator,
+    PackingStats,
+    PaddedCollator,
+    PaddingFreeCollator,
+    pack_best_fit_decreasing,
+    pack_dataset,
+    pack_examples,
+    packing_stats,
+)
+
+# The Tang set is not part of the repository; point TANG_TRAIN_JSON at it (default: a sibling "shared" checkout).
+TANG_JSON = Path(
+    os.environ.get(
+        "TANG_TRAIN_JSON",
+        Path(__file__).resolve().parents[2] / ".." / "shared" / "data" / "tang" / "Tang_training_data.json",
+    )
+)
+
+
+def _example(n: int, start: int = 1, answer_from: int = 0) -> dict:
+    ids = list(range(start, start + n))
+    return {"input_ids": ids, "labels": [IGNORE_INDEX] * answer_from + ids[answer_from:]}
+
+
+def _check_bins(bins: list[list[int]], lengths: list[int], max_length: int) -> None:
+    flat = sorted(i for b in bins for i in b)
+    assert flat == list(range(len(lengths))), "every index exactly once"
+    assert all(sum(lengths[i] for i in b) <= max_length for b in bins), "no bin over capacity"
+    assert all(b == sorted(b) for b in bins), "stable order inside a bin"
+
+
+# ------------------------------------------------------------------ best-fit-decreasing
+
+
+def test_bfd_known_cases() -> None:
+    # 6 -> new bin (room 4), 5 -> new bin (room 5), 4 -> exact fit in bin 0, 3 and 2 fill bin 1.
+    assert pack_best_fit_decreasing([6, 5, 4, 3, 2], 10) == [[0, 2], [1, 3, 4]]
+    # Best fit, not first fit: with rooms 2 (bin 0) and 1 (bin 1) left, the 1 goes to the tighter bin 1.
+    assert pack_best_fit_decreasing([8, 6, 3, 1], 10) == [[0], [1, 2, 3]]
+    # Decreasing, not input order: the 9 opens a bin before the 1s that would otherwise have taken its room.
+    assert pack_best_fit_decreasing([1, 1, 9, 9], 10) == [[0, 2], [1, 3]]
+    assert pack_best_fit_decreasing([], 8) == []
+    assert pack_best_fit_decreasing([8, 8], 8) == [[0], [1]]
+
+
+def test_bfd_ties_are_deterministic_by_index() -> None:
+    # Equal lengths are placed in index order; equally good bins: the oldest wins.
+    assert pack_best_fit_decreasing([2, 2, 2, 2], 4) == [[0, 1], [2, 3]]
+    assert pack_best_fit_decreasing([5, 5, 1, 1], 6) == [[0, 2], [1, 3]]
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_bfd_properties_random(seed: int) -> None:
+    rng = random.Random(seed)
+    max_length = rng.choice([16, 64, 512])
+    lengths = [rng.randint(1, max_length) for _ in range(rng.randint(1, 400))]
+    bins = pack_best_fit_decreasing(lengths, max_length)
+    _check_bins(bins, lengths, max_length)
+    # Best fit never leaves two bins that could be merged while both are at most half full.
+    small = [b for b in bins if sum(lengths[i] for i in b) <= max_length // 2]
+    assert len(small) <= 1
+    assert bins == pack_best_fit_decreasing(lengths, max_length)
+
+
+@pytest.mark.parametrize("bad", [[3, 11], [0, 2], [-1]])
+def test_bfd_rejects_out_of_range_lengths(bad: list[int]) -> None:
+    with pytest.raises(ValueError, match="max_length=10"):
+        pack_best_fit_decreasing(bad, 10)
+
+
+def _efficiency(lengths: list[int], max_length: int) -> float:
+    bins = pack_best_fit_decreasing(lengths, max_length)
+    _check_bins(bins, lengths, max_length)
+    return sum(lengths) / (len(bins) * max_length)
+
+
+def test_bfd_efficiency_on_varied_lengths() -> None:
+    # Varied lengths leave small ones to plug the gaps: best fit gets within 0.2% of the lower bound here, where
+    # filling rows in input order (next fit) reaches only ~94% at 2048 and ~74% at 512.
+    rng = random.Random(0)
+    lengths = [rng.randint(20, 400) for _ in range(5001)]
+    assert _efficiency(lengths, 512) > 0.99
+    assert _efficiency(lengths, 2048) > 0.99
+
+
+@pytest.mark.skipif(not TANG_JSON.exists(), reason="Tang training set not available (set TANG_TRAIN_JSON)")
+def test_bfd_efficiency_on_tang_lengths() -> None:
+    records = json.loads(TANG_JSON.read_text(encoding="utf-8"))
+    assert len(records) == 5001
+    # Rough tokenisation, ~2 tokens per character plus a prompt: lands near the real tokenizer's 153-token mean, but
+    # the poems' fixed forms give only 4 distinct lengths (114..194), the hardest case for filling the last gap of a
+    # row. Measured: 96.3% at 512 (next fit: 85.6%), 94.7% at 2048, 98.4% at 4096. The end-to-end test checks the
+    # real tokenizer, whose lengths vary more.
+    lengths = [2 * len(r["instruction"] + r["input"] + r["output"]) + 10 for r in records]
+    start = time.perf_counter()
+    assert _efficiency(lengths, 512) > 0.95
+    assert _efficiency(lengths, 2048) > 0.94
+    assert _efficiency(lengths, 4096) > 0.98
+    assert time.perf_counter() - start < 1.0
+
+
+# ------------------------------------------------------------------ rows
+
+
+def test_pack_examples_row_layout() -> None:
+    examples = [_example(4, 10, answer_from=2), _example(3, 20, answer_from=1), _example(2, 30)]
+    rows = pack_examples(examples, max_length=9)
+    assert len(rows) == 1
+    row = rows[0]
+    assert row["input_ids"] == [10, 11, 12, 13, 20, 21, 22, 30, 31]
+    assert row["position_ids"] == [0, 1, 2, 3, 0, 1, 2, 0, 1]
+    assert row["labels"] == [-100, -100, 12, 13, -100, 21, 22, -100, 31]
+
+
+def test_pack_examples_first_label_of_each_example_is_masked_and_the_rest_preserved() -> None:
+    rng = random.Random(1)
+    examples = []
+    for _ in range(60):
+        n = rng.randint(1, 40)
+        ids = [rng.randint(0, 999) for _ in range(n)]
+        examples.append({"input_ids": ids, "labels": [x if rng.random() < 0.5 else -100 for x in ids]})
+    rows = pack_examples(examples, max_length=64, seed=3)
+
+    # Rebuild each example from the rows via its position-id restarts.
+    seen = []
+    for row in rows:
+        assert len(row["input_ids"]) == len(row["labels"]) == len(row["position_ids"]) <= 64
+        starts = [t for t, p in enumerate(row["position_ids"]) if p == 0] + [len(row["input_ids"])]
+        for a, b in zip(starts, starts[1:], strict=False):
+            assert row["position_ids"][a:b] == list(range(b - a))
+            assert row["labels"][a] == IGNORE_INDEX
+            seen.append((row["input_ids"][a:b], row["labels"][a + 1 : b]))
+    expected = [(ex["input_ids"], ex["labels"][1:]) for ex in examples]
+    assert sorted(seen) == sorted(expected)
+
+
+def test_pack_examples_seed_controls_row_order_only() -> None:
+    examples = [_example(n, 100 * n) for n in [5, 3, 7, 2, 6, 4, 1, 8, 3, 5]]
+    a, b, c = (pack_examples(examples, 10, seed=s) for s in (7, 7, 8))
+    assert a == b
+    assert a != c
+    assert sorted(map(str, a)) == sorted(map(str, c))
+
+
+def test_pack_examples_rejects_misaligned_labels() -> None:
+    with pytest.raises(ValueError, match="aligned"):
+        pack_examples([{"input_ids": [1, 2, 3], "labels": [1, 2]}], 8)
+
+
+def test_packing_stats() -> None:
+    rows = pack_examples([_example(n) for n in [6, 5, 4, 3, 2]], max_length=10)
+    stats = packing_stats(rows, 10)
+    assert stats == PackingStats(examples=5, rows=2, tokens=20, capacity_tokens=20)
+    assert stats.efficiency == 1.0
+    assert stats.examples_per_row == 2.5
+    assert str(stats) == "packed 5 examples into 2 rows: 20 of 20 token slots used (100.00%), 2.5 examples/row"
+
+
+def test_pack_dataset_matches_pack_examples_and_is_fast() -> None:
+    # Tang-sized: 5,001 examples of 110-190 tokens, the last 29 of them labelled.
+    rng = random.Random(0)
+    examples = []
+    for k in range(5001):
+        n = rng.randint(110, 190)
+        ids = list(range(k, k + n))
+        examples.append({"input_ids": ids, "labels": [-100] * (n - 29) + ids[n - 29 :]})
+    ds = datasets.Dataset.from_list(examples).add_column("extra", ["x"] * len(examples))
+
+    start = time.perf_counter()
+    packed = pack_dataset(ds, max_length=2048, seed=5)
+    elapsed = time.perf_counter() - start
+
+    assert packed.column_names == ["input_ids", "labels", "position_ids"]
+    assert packed.to_list() == pack_examples(examples, 2048, seed=5)
+    assert packing_stats(packed.to_list(), 2048).examples == 5001
+    assert elapsed < 5.0  # ~1 s on a CI core
+
+
+# ------------------------------------------------------------------ collators
+
+
+def _rows() -> list[dict]:
+    return [
+        {"input_ids": [1, 2, 3, 4, 5], "labels": [-100, 2, 3, -100, 5], "position_ids": [0, 1, 2, 0, 1]},
+        {"input_ids": [6, 7, 8], "labels": [-100, 7, 8], "position_ids": [0, 1, 2]},
+    ]
+
+
+def test_packed_collator_pads_as_a_separate_sequence() -> None:
+    batch = PackedCollator(pad_token_id=0)(_rows())
+    assert set(batch) == {"input_ids", "labels", "position_ids"}
+    assert all(t.dtype == torch.long for t in batch.values())
+    assert batch["input_ids"].tolist() == [[1, 2, 3, 4, 5], [6, 7, 8, 0, 0]]
+    assert batch["labels"].tolist() == [[-100, 2, 3, -100, 5], [-100, 7, 8, -100, -100]]
+    assert batch["position_ids"].tolist() == [[0, 1, 2, 0, 1], [0, 1, 2, 0, 1]]
+
+
+def test_packed_collator_pad_to_multiple_of() -> None:
+    batch = PackedCollator(pad_token_id=9, pad_to_multiple_of=4)(_rows())
+    assert batch["input_ids"].shape == (2, 8)
+    assert batch["input_ids"][0].tolist() == [1, 2, 3, 4, 5, 9, 9, 9]
+    assert batch["position_ids"][0].tolist() == [0, 1, 2, 0, 1, 0, 1, 2]
+    assert batch["labels"][0, 5:].tolist() == [-100] * 3
+
+
+def test_packed_collator_flatten_gives_one_row() -> None:
+    batch = PackedCollator(pad_token_id=0, flatten=True)(_rows())
+    assert set(batch) == {"input_ids", "labels", "position_ids"}
+    assert batch["input_ids"].tolist() == [[1, 2, 3, 4, 5, 6, 7, 8]]
+    assert batch["labels"].tolist() == [[-100, 2, 3, -100, 5, -100, 7, 8]]
+    assert batch["position_ids"].tolist() == [[0, 1, 2, 0, 1, 0, 1, 2]]
+    padded = PackedCollator(pad_token_id=0, flatten=True, pad_to_multiple_of=16)(_rows())
+    assert padded["input_ids"].shape == (1, 16)
+    assert padded["position_ids"][0, 8:].tolist() == list(range(8))
+
+
+def test_padding_free_collator() -> None:
+    features = [
+        {"input_ids": [1, 2, 3], "labels": [1, 2, 3], "attention_mask": [1, 1, 1]},
+        {"input_ids": torch.tensor([4, 5]), "labels": torch.tensor([-100, 5])},
+    ]
+    batch = PaddingFreeCollator()(features)
+    assert set(batch) == {"input_ids", "labels", "position_ids"}
+    assert all(t.dtype == torch.long for t in batch.values())
+    assert batch["input_ids"].tolist() == [[1, 2, 3, 4, 5]]
+    assert batch["labels"].tolist() == [[-100, 2, 3, -100, 5]]
+    assert batch["position_ids"].tolist() == [[0, 1, 2, 0, 1]]
+
+
+def test_padded_collator() -> None:
+    features = [{"input_ids": [1, 2, 3], "labels": [-100, 2, 3]}, {"input_ids": [4], "labels": [4]}]
+    batch = PaddedCollator(pad_token_id=0)(features)
+    assert set(batch) == {"input_ids", "labels", "attention_mask"}
+    assert batch["input_ids"].tolist() == [[1, 2, 3], [4, 0, 0]]
+    assert batch["labels"].tolist() == [[-100, 2, 3], [4, -100, -100]]
+    assert batch["attention_mask"].tolist() == [[1, 1, 1], [1, 0, 0]]
+    assert PaddedCollator(pad_token_id=0, pad_to_multiple_of=8)(features)["input_ids"].shape == (2, 8)
