@@ -140,7 +140,7 @@ def run(cfg: Config) -> int:
         from trainer.callbacks.swanlab import make_swanlab_callback
 
         args.report_to = [r for r in args.report_to if r != "swanlab"]
-        callbacks.append(make_swanlab_callback(cfg, data.report, world_size))
+        callbacks.append(make_swanlab_callback(cfg, data.report, world_size, samples))
 
     trainer = SFTTrainer(
         model=model, args=args, train_dataset=data.train, eval_dataset=data.eval,

@@ -1,0 +1,160 @@
+"""SwanLab monitoring through the real entry point: one run per job, the logged losses, no leaked API key.
+
+The end-to-end tests run ``trainer/sft.py`` in a subprocess on the built-in tiny model with SwanLab in offline or
+local mode (no network) and read what SwanLab wrote back from disk with its own data-store reader.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sqlite3
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from trainer.callbacks.swanlab import REDACTED, resolve_mode, scrub
+
+REPO = Path(__file__).resolve().parents[1]
+TANG = REPO.parent / "shared" / "data" / "tang" / "Tang_training_data.json"
+FAKE_KEY = "sk-fake-test-key-123"
+
+
+def test_modes_map_to_swanlab_names():
+    assert resolve_mode("cloud") == "online"
+    assert resolve_mode("offline") == "offline"
+    assert resolve_mode("disabled") == "disabled"
+    with pytest.raises(ValueError):
+        resolve_mode("online-ish")
+
+
+def test_scrub_removes_secrets_but_keeps_token_counts():
+    config = {
+        "training": {"hub_token": "hf_abc", "push_to_hub": False, "run_name": f"run with {FAKE_KEY} inside"},
+        "data": {"sample_max_new_tokens": 64, "add_special_tokens": "<|im_end|>"},
+        "model_config": {"pad_token_id": 0},
+        "tracking": {"api_key": FAKE_KEY, "token": None},
+        "files": [{"path": f"/x/{FAKE_KEY}"}],
+    }
+    clean = scrub(config, (FAKE_KEY,))
+    assert clean["training"]["hub_token"] == REDACTED
+    assert clean["tracking"]["api_key"] == REDACTED
+    assert clean["tracking"]["token"] is None
+    assert FAKE_KEY not in json.dumps(clean)
+    assert clean["data"] == config["data"]
+    assert clean["model_config"] == {"pad_token_id": 0}
+    assert clean["training"]["push_to_hub"] is False
+
+
+# ---------------------------------------------------------------- end to end
+
+
+@pytest.fixture
+def job(tmp_path):
+    """Paths and environment for one small training job; skips when the shared Tang data is not there."""
+    if not TANG.is_file():
+        pytest.skip(f"{TANG} not present")
+    records = json.loads(TANG.read_text(encoding="utf-8"))[:64]
+    data = tmp_path / "tang64.json"
+    data.write_text(json.dumps(records, ensure_ascii=False), encoding="utf-8")
+    env = {k: v for k, v in os.environ.items() if not k.startswith("SWANLAB_")}
+    cache = Path(os.environ.get("SFT_TEST_CACHE", tmp_path / "cache"))  # reuse across tests when set
+    env.update(SFT_CACHE_DIR=str(cache), SWANLAB_API_KEY=FAKE_KEY, TOKENIZERS_PARALLELISM="false")
+    out = tmp_path / "out"
+    args = ["--dataset", str(data), "--max_steps", "4", "--logging_steps", "1", "--report_to", "swanlab",
+            "--output_dir", str(out), "--sample_prompts", "none", "--save_strategy", "no",
+            "--global_batch_size", "4"]
+    return {"out": out, "env": env, "args": args}
+
+
+def run(command: list[str], env: dict, timeout: int = 400) -> str:
+    proc = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
+    output = proc.stdout + proc.stderr
+    assert proc.returncode == 0, output[-4000:]
+    return output
+
+
+def run_folders(logdir: Path) -> list[Path]:
+    return sorted(p for p in logdir.glob("run-*") if p.is_dir())
+
+
+def logged_scalars(run_dir: Path) -> dict[str, dict[int, float]]:
+    """key → {step: value} as stored in the run's ``.swanlab`` file, read with SwanLab's own reader."""
+    from swanlab.proto.swanlab.record.v1.record_pb2 import Record
+    from swanlab.sdk.internal.core_python.store import DataStoreReader
+
+    (store,) = run_dir.glob("run-*.swanlab")
+    reader = DataStoreReader()
+    reader.open(store)
+    scalars: dict[str, dict[int, float]] = {}
+    try:
+        while (raw := reader.scan()) is not None:
+            record = Record()
+            record.ParseFromString(raw)
+            if record.WhichOneof("record_type") == "scalar":
+                scalars.setdefault(record.scalar.key, {})[record.scalar.step] = record.scalar.value.number
+    finally:
+        reader.close()
+    return scalars
+
+
+def logged_config(run_dir: Path) -> dict:
+    loaded = yaml.safe_load((run_dir / "files" / "config.yaml").read_text(encoding="utf-8"))
+    return {key: entry["value"] for key, entry in loaded.items()}
+
+
+def losses_from_state(out: Path) -> dict[int, float]:
+    state = json.loads((out / "trainer_state.json").read_text(encoding="utf-8"))
+    return {entry["step"]: entry["loss"] for entry in state["log_history"] if "loss" in entry}
+
+
+def assert_key_nowhere(folder: Path, output: str) -> None:
+    needle = FAKE_KEY.encode()
+    leaked = [str(p) for p in folder.rglob("*") if p.is_file() and needle in p.read_bytes()]
+    assert not leaked, f"API key written to {leaked}"
+    assert FAKE_KEY not in output
+
+
+def assert_one_run_with_state_losses(out: Path, world_size: int) -> Path:
+    (run_dir,) = run_folders(out / "swanlog")  # exactly one run for the job
+    scalars = logged_scalars(run_dir)
+    expected = losses_from_state(out)
+    assert sorted(expected) == [1, 2, 3, 4]
+    assert scalars["train/loss"] == pytest.approx(expected, rel=1e-6)
+    for key in ("train/learning_rate", "train/grad_norm", "train/tokens_per_second",
+                "train/label_tokens_per_second", "train/peak_memory_gib"):
+        assert sorted(scalars[key]) == [1, 2, 3, 4], key
+    config = logged_config(run_dir)
+    assert config["world_size"] == world_size
+    assert config["global_batch_size"] == 4
+    assert config["training"]["max_steps"] == 4
+    assert config["versions"]["torch"] and config["versions"]["swanlab"]
+    assert config["data_report"]["train_examples"] > 0
+    return run_dir
+
+
+@pytest.mark.slow
+def test_offline_run_logs_trainer_losses_and_never_the_api_key(job):
+    out = job["out"]
+    output = run([sys.executable, "trainer/sft.py", *job["args"], "--swanlab_mode", "offline",
+                  "--per_device_train_batch_size", "4"], job["env"])
+    assert "world size 1" in output
+    assert_one_run_with_state_losses(out, world_size=1)
+    assert_key_nowhere(out, output)
+
+
+@pytest.mark.slow
+def test_two_processes_make_one_local_run(job):
+    out = job["out"]
+    env = {**job["env"], "ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1"}
+    output = run([sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+                  "--num_machines", "1", "trainer/sft.py", *job["args"], "--swanlab_mode", "local",
+                  "--per_device_train_batch_size", "2", "--use_cpu", "true"], env)
+    assert "world size 2" in output
+    assert_one_run_with_state_losses(out, world_size=2)
+    with sqlite3.connect(out / "swanlog" / "runs.swanlab") as db:  # the local dashboard's index: one experiment
+        assert db.execute("SELECT COUNT(*) FROM experiment").fetchone()[0] == 1
+    assert_key_nowhere(out, output)

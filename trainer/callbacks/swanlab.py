@@ -1,0 +1,257 @@
+"""SwanLab monitoring: exactly one run per job, whatever the number of processes or nodes.
+
+Built on SwanLab's own transformers integration (``swanlab.integration.transformers.SwanLabCallback``), which logs
+the Trainer's log lines with ``train/`` and ``eval/`` prefixes and only on the global main process
+(``state.is_world_process_zero``), so two processes or two nodes still make one run. transformers' built-in
+``report_to="swanlab"`` callback is not used: it fails with SwanLab 0.10 ("No active Run"); ``trainer/sft.py`` takes
+"swanlab" out of ``report_to`` and adds this callback instead, so there is never a second one.
+
+On top of the integration this adds what a fine-tuning run needs to be judged and reproduced later:
+
+- the full resolved configuration (recipe, our options, every ``TrainingArguments`` value, world size, global
+  batch, library versions, data report), with secrets scrubbed: tokens and API keys never reach SwanLab's
+  files, which travel with output folders and checkpoints;
+- the sample generations (prompt, reference, output) before training, at each evaluation and after training,
+  as ``swanlab.Text``;
+- our mode names (``cloud`` is SwanLab's ``online``) and a fallback from ``local`` to ``offline`` when the dashboard
+  package is missing, because a missing viewer should not stop a long training job.
+"""
+
+from __future__ import annotations
+
+import atexit
+import importlib.metadata
+import importlib.util
+import logging
+import os
+import re
+from dataclasses import asdict
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import swanlab
+from swanlab.integration.transformers import SwanLabCallback
+from transformers import TrainerCallback
+
+if TYPE_CHECKING:
+    from trainer.args import Config
+    from trainer.data.build import DataReport
+    from trainer.samples import SampleRecorder
+
+logger = logging.getLogger(__name__)
+
+# Our --swanlab_mode names → SwanLab's.
+MODES = {"cloud": "online", "local": "local", "offline": "offline", "disabled": "disabled"}
+
+VERSIONED_PACKAGES = ("torch", "transformers", "accelerate", "peft", "deepspeed", "swanlab", "datasets")
+
+# Environment variables whose values are secrets wherever they turn up in what is logged.
+SECRET_ENV_VARS = ("SWANLAB_API_KEY", "HF_TOKEN", "HUGGING_FACE_HUB_TOKEN", "WANDB_API_KEY", "OPENAI_API_KEY")
+# Option names that hold a secret (hub_token, api_key, ...), but not counts like max_new_tokens or pad_token_id.
+SECRET_NAME = re.compile(r"(^|_)(token|api_?key|secret|password|passwd|credentials?)$", re.IGNORECASE)
+REDACTED = "<redacted>"
+
+
+def resolve_mode(mode: str) -> str:
+    """SwanLab's mode for ours; ``local`` falls back to ``offline`` (with a warning) without the dashboard package.
+
+    ``local`` mode needs ``swanboard`` (``pip install 'swanlab[dashboard]'``) and would otherwise fail when the run
+    starts. An offline run keeps every metric on disk and can be uploaded later with ``swanlab sync``.
+    """
+    if mode not in MODES:
+        raise ValueError(f"--swanlab_mode {mode!r}: expected one of {', '.join(MODES)}")
+    if mode == "local" and importlib.util.find_spec("swanboard") is None:
+        logger.warning(
+            "--swanlab_mode local needs the dashboard package (pip install 'swanlab[dashboard]'); logging in "
+            "offline mode instead: the run is kept on disk and can be uploaded later with `swanlab sync DIR`"
+        )
+        return "offline"
+    return MODES[mode]
+
+
+def scrub(value: Any, secrets: tuple[str, ...] = ()) -> Any:
+    """A copy of ``value`` with secrets replaced: entries named like tokens/keys, and any known secret string.
+
+    ``secrets`` are literal values (e.g. the API key from the environment) removed wherever they occur, so a key
+    pasted into a description or a path cannot leak either.
+    """
+    if isinstance(value, dict):
+        return {
+            str(k): REDACTED if SECRET_NAME.search(str(k)) and isinstance(v, str) and v else scrub(v, secrets)
+            for k, v in value.items()
+        }
+    if isinstance(value, (list, tuple, set)):
+        return [scrub(v, secrets) for v in value]
+    if isinstance(value, str):
+        for secret in secrets:
+            value = value.replace(secret, REDACTED)
+        return value
+    if value is None or isinstance(value, (bool, int, float)):
+        return value
+    return scrub(str(value), secrets)
+
+
+def known_secrets() -> tuple[str, ...]:
+    return tuple(v for name in SECRET_ENV_VARS if len(v := os.environ.get(name, "")) >= 6)
+
+
+def versions() -> dict[str, str | None]:
+    found: dict[str, str | None] = {}
+    for name in VERSIONED_PACKAGES:
+        try:
+            found[name] = importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            found[name] = None
+    return found
+
+
+def resolved_config(cfg: Config, report: DataReport, world_size: int) -> dict[str, Any]:
+    """Everything needed to reproduce the run, as one nested mapping (not yet scrubbed)."""
+    args = cfg.training
+    global_batch = args.per_device_train_batch_size * world_size * args.gradient_accumulation_steps
+    data_report = {k: v for k, v in asdict(report).items() if k not in ("skipped_records", "packing")}
+    data_report["skipped_records"] = len(report.skipped_records)
+    data_report["summary"] = report.summary()
+    if report.packing:
+        data_report["packing"] = {k: v for k, v in report.packing.items()}
+    return {
+        "recipe": str(cfg.recipe) if cfg.recipe else None,
+        "model": asdict(cfg.model),
+        "data": asdict(cfg.data),
+        "finetune": asdict(cfg.finetune),
+        "tracking": asdict(cfg.tracking),
+        "training": args.to_dict(),
+        "world_size": world_size,
+        "global_batch_size": global_batch,
+        "versions": versions(),
+        "data_report": data_report,
+    }
+
+
+def _model_facts(model) -> dict[str, Any]:
+    facts: dict[str, Any] = {}
+    config = getattr(model, "config", None)
+    if config is not None and callable(getattr(config, "to_dict", None)):
+        facts["model_config"] = config.to_dict()
+    if callable(getattr(model, "num_parameters", None)):
+        facts["num_parameters"] = model.num_parameters()
+        facts["trainable_parameters"] = model.num_parameters(only_trainable=True)
+    return facts
+
+
+class SFTSwanLabCallback(SwanLabCallback):
+    """SwanLab's transformers callback plus our scrubbed config, sample generations and a clean finish.
+
+    The run is started lazily by the integration at ``on_train_begin`` on the world-zero process only; no other
+    rank ever calls ``swanlab.init``. It is finished at interpreter exit, after the "after" samples recorded by
+    ``sft.py`` once training has returned, so they land in the same run.
+    """
+
+    def __init__(self, config: dict[str, Any], samples: SampleRecorder | None = None, **init_kwargs: Any) -> None:
+        super().__init__(log_config=False, **init_kwargs)
+        self._config = config
+        self._samples = samples
+        self._logged_stages: set[str] = set()
+        self._last_step = 0
+        self._mode = init_kwargs.get("mode")
+        self._configured = False
+
+    def setup(self, args: Any, state: Any, model: Any = None) -> None:
+        try:
+            super().setup(args, state, model)
+        except Exception as error:
+            if self._mode != "online":
+                raise
+            # SwanLab's own messages blame the API key even when the server is unreachable; say what to do.
+            reason = scrub(str(error), known_secrets()).rstrip(".")
+            raise RuntimeError(
+                f"SwanLab cloud run could not start: {reason}. Set SWANLAB_API_KEY or run `swanlab login` once, and "
+                "check that the SwanLab server can be reached; without network use --swanlab_mode offline and "
+                "`swanlab sync DIR` later."
+            ) from None
+        if self._configured or not _is_main(state):
+            return  # already set up, or not the world-zero process
+        self._configured = True
+        self.update_config(scrub({**self._config, **_model_facts(model)}, known_secrets()))
+        # Registered after swanlab.init, so it runs before SwanLab's own exit hook (atexit is last-in first-out).
+        atexit.register(self._finish)
+        self._log_new_samples(0)
+
+    def on_log(self, args, state, control, model=None, logs=None, **kwargs) -> None:
+        self._last_step = state.global_step
+        super().on_log(args, state, control, model=model, logs=logs, **kwargs)
+
+    def on_evaluate(self, args, state, control, metrics=None, **kwargs) -> None:
+        super().on_evaluate(args, state, control, metrics=metrics, **kwargs)
+        if _is_main(state):  # sample generation for this evaluation ran in an earlier callback
+            self._last_step = state.global_step
+            self._log_new_samples(self._last_step)
+
+    def on_train_end(self, args, state, control, **kwargs) -> None:
+        self._last_step = state.global_step
+
+    def _log_new_samples(self, step: int) -> None:
+        if self._samples is None or not self._samples.prompts:
+            return
+        secrets = known_secrets()
+        for stage, replies in list(self._samples.replies.items()):
+            if stage in self._logged_stages:
+                continue
+            self._logged_stages.add(stage)
+            key = f"samples/{stage}" if stage in ("before", "after") else "samples/eval"
+            texts = [
+                swanlab.Text(scrub(sample_text(prompt, reply), secrets), caption=f"{stage} #{i + 1}")
+                for i, (prompt, reply) in enumerate(zip(self._samples.prompts, replies))
+            ]
+            swanlab.log({key: texts}, step=step)
+
+    def _finish(self) -> None:
+        """Log the samples made after training (if any) and close the run while the process is still whole."""
+        if not swanlab.has_run():
+            return
+        try:
+            self._log_new_samples(self._last_step)
+        finally:
+            swanlab.finish()
+
+
+def _is_main(state) -> bool:
+    """World-zero process (global rank 0 over all nodes) with a live run."""
+    return bool(state.is_world_process_zero) and swanlab.has_run()
+
+
+def sample_text(prompt, reply: str) -> str:
+    """Prompt, reference and output of one sample, as the Qwen2 fine-tuning example logs its predictions."""
+    parts = [f"{m['role']}: {m['content']}" for m in prompt.messages if m["role"] != "assistant"]
+    if prompt.reference:
+        parts.append(f"reference: {prompt.reference}")
+    parts.append(f"output: {reply}")
+    return "\n\n".join(parts)
+
+
+class _Disabled(TrainerCallback):
+    """``--swanlab_mode disabled``: nothing is started or written."""
+
+
+def make_swanlab_callback(
+    cfg: Config, report: DataReport, world_size: int, samples: SampleRecorder | None = None
+) -> TrainerCallback:
+    """The SwanLab callback for this job; only the world-zero process will ever start a run.
+
+    ``cfg`` is the parsed :class:`trainer.args.Config`, ``report`` the :class:`DataReport`, ``samples`` the
+    :class:`SampleRecorder` whose generations are logged as text.
+    """
+    tracking = cfg.tracking
+    mode = resolve_mode(tracking.swanlab_mode)
+    if mode == "disabled":
+        return _Disabled()
+    init_kwargs: dict[str, Any] = {"project": tracking.swanlab_project, "mode": mode}
+    if tracking.swanlab_experiment_name:
+        init_kwargs["experiment_name"] = tracking.swanlab_experiment_name
+    if tracking.swanlab_workspace:
+        init_kwargs["workspace"] = tracking.swanlab_workspace
+    if tracking.swanlab_description:
+        init_kwargs["description"] = scrub(tracking.swanlab_description, known_secrets())
+    # Every mode keeps its files with the output (cloud runs too: their local copy can be re-synced).
+    init_kwargs["log_dir"] = str(Path(tracking.swanlab_logdir or Path(cfg.training.output_dir) / "swanlog"))
+    return SFTSwanLabCallback(resolved_config(cfg, report, world_size), samples=samples, **init_kwargs)
