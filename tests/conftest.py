@@ -53,24 +53,36 @@ def tiny_model_dir(tang_records) -> Path:
     return build_tiny_model("builtin:tiny-llama", texts, seed=0)
 
 
-def run_sft(
-    *args: str, nproc: int = 1, launch_config: str | None = None, env: dict | None = None, timeout: int = 600,
-    expect_ok: bool = True,
-) -> subprocess.CompletedProcess:
-    """Run the real entry point in a subprocess: plain python, or accelerate with ``nproc`` CPU processes."""
+def sft_command(*args: str, nproc: int = 1, launch_config: str | None = None,
+                env: dict | None = None) -> tuple[list[str], dict]:
+    """The command line and environment that run the real entry point: plain python, or accelerate with
+    ``nproc`` real CPU processes (``--multi_gpu`` + ``ACCELERATE_USE_CPU``: ``--cpu`` would start only one)."""
     full_env = {**os.environ, "OMP_NUM_THREADS": "1" if nproc > 1 else os.environ.get("OMP_NUM_THREADS", "2"),
                 "PYTHONUNBUFFERED": "1", **(env or {})}
     if launch_config:
-        command = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", launch_config]
-        command += ["--num_processes", str(nproc)]
+        command = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", launch_config,
+                   "--num_processes", str(nproc)]
     elif nproc > 1:
         command = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_machines", "1",
                    "--num_processes", str(nproc)]
         full_env["ACCELERATE_USE_CPU"] = "1"
     else:
         command = [sys.executable]
-    command += [str(REPO / "trainer" / "sft.py"), *args]
+    return [*command, str(REPO / "trainer" / "sft.py"), *args], full_env
+
+
+def run_sft(*args: str, nproc: int = 1, launch_config: str | None = None, env: dict | None = None,
+            timeout: int = 600, expect_ok: bool = True) -> subprocess.CompletedProcess:
+    command, full_env = sft_command(*args, nproc=nproc, launch_config=launch_config, env=env)
     result = subprocess.run(command, cwd=REPO, env=full_env, capture_output=True, text=True, timeout=timeout)
     if expect_ok and result.returncode != 0:
         raise AssertionError(f"sft.py exited {result.returncode}\n--- stderr ---\n{result.stderr[-6000:]}")
     return result
+
+
+def start_sft(*args: str, log: Path, nproc: int = 1, env: dict | None = None) -> subprocess.Popen:
+    """Start the entry point in its own process group (so a test can signal or kill the whole job)."""
+    command, full_env = sft_command(*args, nproc=nproc, env=env)
+    handle = log.open("w")
+    return subprocess.Popen(command, cwd=REPO, env=full_env, stdout=handle, stderr=subprocess.STDOUT,
+                            start_new_session=True)

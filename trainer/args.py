@@ -11,6 +11,7 @@ import sys
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 
+import torch
 import yaml
 from transformers import HfArgumentParser, TrainingArguments
 
@@ -151,6 +152,9 @@ TRAINING_DEFAULTS = {
     "report_to": "swanlab",
     "ddp_timeout": 600,
     "remove_unused_columns": False,
+    # Must be known before TrainingArguments sets up the distributed state: without it, CPU processes started by
+    # `accelerate launch` each train alone (accelerate's multi-process launcher does not pass its `use_cpu` on).
+    "use_cpu": not torch.cuda.is_available(),
 }
 
 

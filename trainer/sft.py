@@ -49,6 +49,11 @@ def setup_logging(cfg: Config) -> None:
 
 def apply_global_batch(cfg: Config, world_size: int) -> None:
     args = cfg.training
+    if args.world_size != world_size:
+        raise ConfigError(
+            f"the launcher started {world_size} processes but the trainer sees {args.world_size}: each process "
+            f"would train alone. On CPU, launch with --multi_gpu (or launch/cpu_*.yaml) and keep --use_cpu true"
+        )
     if cfg.finetune.global_batch_size:
         args.gradient_accumulation_steps = gradient_accumulation_for(
             cfg.finetune.global_batch_size, args.per_device_train_batch_size, world_size
