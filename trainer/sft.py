@@ -59,13 +59,13 @@ def apply_global_batch(cfg: Config, world_size: int) -> None:
             cfg.finetune.global_batch_size, args.per_device_train_batch_size, world_size
         )
     global_batch = args.per_device_train_batch_size * world_size * args.gradient_accumulation_steps
-    logger.info(
-        "world size %d (rank %s, local rank %s, node rank %s); global batch %d = %d per device x %d processes x %d "
-        "accumulation; device %s",
-        world_size, os.environ.get("RANK", "0"), os.environ.get("LOCAL_RANK", "0"),
-        os.environ.get("GROUP_RANK", os.environ.get("NODE_RANK", "0")), global_batch,
-        args.per_device_train_batch_size, world_size, args.gradient_accumulation_steps, args.device,
-    )
+    # Every rank says who it is (not only the main one): a launch that silently started one process, or two
+    # processes that each train alone, shows at once in the job log.
+    print(f"[rank{os.environ.get('RANK', '0')}] world size {world_size}, rank {os.environ.get('RANK', '0')}, "
+          f"local rank {os.environ.get('LOCAL_RANK', '0')}, node rank {os.environ.get('GROUP_RANK', '0')}, "
+          f"device {args.device}", file=sys.stderr, flush=True)
+    logger.info("global batch %d = %d per device x %d processes x %d accumulation", global_batch,
+                args.per_device_train_batch_size, world_size, args.gradient_accumulation_steps)
 
 
 def collator_for(cfg: Config, attn: str, pad_token_id: int):
@@ -82,6 +82,10 @@ def run(cfg: Config) -> int:
     apply_global_batch(cfg, world_size)
     resume = outputs.check_output_dir(args.output_dir, args.resume_from_checkpoint, cfg.finetune.overwrite_output_dir)
     resume = resolve_resume(resume, args.output_dir)
+    if resume:
+        logger.info("resuming from %s", resume)
+    elif args.resume_from_checkpoint == "latest":
+        logger.info("no complete checkpoint in %s yet: starting fresh", args.output_dir)
     set_seed(args.seed)
 
     # Data first: a broken record must fail in seconds, before gigabytes of weights are loaded.
