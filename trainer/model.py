@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import importlib.util
 import logging
+import os
 
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
@@ -51,11 +52,26 @@ def load_tokenizer(path: str, trust_remote_code: bool = False) -> PreTrainedToke
     return tokenizer
 
 
+PAD_NAMES = {"<pad>", "[pad]", "<|pad|>"}
+
+
 def add_special_tokens(tokenizer: PreTrainedTokenizerBase, tokens: list[str]) -> list[str]:
-    """Add the tokens the tokenizer lacks; returns those added (embeddings must then be resized)."""
+    """Add the tokens the tokenizer lacks as special tokens; returns those added (embeddings must then be resized).
+
+    Special, not plain, tokens: they are never split by the tokenizer and are skipped when decoding replies. A
+    padding token among them (``<PAD>``, ``[PAD]``, ``<|pad|>``, any case) becomes the pad token, as in the Phi-2
+    ChatML recipe, so padding stops borrowing EOS/UNK.
+    """
+    tokens = [t.strip() for t in tokens if t.strip()]
     missing = [t for t in tokens if t not in tokenizer.get_vocab()]
     if missing:
-        tokenizer.add_special_tokens({"additional_special_tokens": missing}, replace_extra_special_tokens=False)
+        # transformers 5 names the list ``extra_special_tokens`` (``additional_special_tokens`` is a legacy alias);
+        # extend it rather than replace it, or the model's own extra special tokens stop being special.
+        tokenizer.add_special_tokens({"extra_special_tokens": missing}, replace_extra_special_tokens=False)
+    pad = next((t for t in tokens if t.lower() in PAD_NAMES), None)
+    if pad is not None and tokenizer.pad_token != pad:
+        tokenizer.pad_token = pad
+        logger.info("padding with the added token %r", pad)
     return missing
 
 
@@ -73,6 +89,15 @@ def quantization_config(compute_dtype: torch.dtype):
     )
 
 
+def qlora_compute_dtype(weights_dtype: torch.dtype) -> torch.dtype:
+    """The dtype 4-bit layers compute in: bf16 as in the notebook, fp16 on GPUs without bf16 (e.g. T4, V100)."""
+    if weights_dtype != torch.float32:
+        return weights_dtype
+    if torch.cuda.is_available() and not torch.cuda.is_bf16_supported():
+        return torch.float16
+    return torch.bfloat16
+
+
 def load_model(
     path: str,
     *,
@@ -82,12 +107,17 @@ def load_model(
     trust_remote_code: bool = False,
     device_map: str | dict | None = None,
 ) -> PreTrainedModel:
+    """The base model for training; ``qlora`` loads it 4-bit (NF4) on this process's device, CPU included.
+
+    A quantised model cannot be moved after loading, so QLoRA places it at load time: on the GPU of this
+    process's ``LOCAL_RANK`` (each DDP rank its own copy), or on the CPU, where bitsandbytes also quantises.
+    """
     torch_dtype = choose_dtype(dtype, finetuning_type)
     kwargs = {}
     if finetuning_type == "qlora":
-        compute = torch.bfloat16 if torch_dtype == torch.float32 else torch_dtype
-        kwargs["quantization_config"] = quantization_config(compute)
-        kwargs["device_map"] = device_map or ({"": torch.cuda.current_device()} if torch.cuda.is_available() else "cpu")
+        kwargs["quantization_config"] = quantization_config(qlora_compute_dtype(torch_dtype))
+        local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+        kwargs["device_map"] = device_map or ({"": local_rank} if torch.cuda.is_available() else "cpu")
     elif device_map is not None:
         kwargs["device_map"] = device_map
     model = AutoModelForCausalLM.from_pretrained(
@@ -102,9 +132,17 @@ def load_model(
     return model
 
 
-def resize_for_tokenizer(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase) -> bool:
-    """Grow the embeddings to hold every tokenizer id (padded to a multiple of 64 for fast matmuls)."""
-    if len(tokenizer) <= model.get_input_embeddings().weight.shape[0]:
+def resize_for_tokenizer(
+    model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, mean_resizing: bool = True
+) -> bool:
+    """Grow the embeddings to hold every tokenizer id (padded to a multiple of 64 for fast matmuls).
+
+    New rows start at the mean of the old ones (``mean_resizing``), which keeps the first steps' loss sane. When the
+    rows are about to be overwritten anyway (loading a trained adapter that saved the embeddings), pass False: it
+    skips a covariance over the whole vocabulary.
+    """
+    # config.vocab_size, not the weight's shape: under ZeRO-3 the weight is a partitioned, empty placeholder.
+    if len(tokenizer) <= model.config.get_text_config().vocab_size:
         return False
-    model.resize_token_embeddings(len(tokenizer), pad_to_multiple_of=64)
+    model.resize_token_embeddings(len(tokenizer), pad_to_multiple_of=64, mean_resizing=mean_resizing)
     return True
