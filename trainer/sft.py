@@ -80,7 +80,8 @@ def run(cfg: Config) -> int:
     args = cfg.training
     world_size = world_size_from_env()
     apply_global_batch(cfg, world_size)
-    resume = outputs.check_output_dir(args.output_dir, args.resume_from_checkpoint, cfg.finetune.overwrite_output_dir)
+    resume = outputs.check_output_dir(args.output_dir, args.resume_from_checkpoint, cfg.finetune.overwrite_output_dir,
+                                      is_main=args.process_index == 0)
     resume = resolve_resume(resume, args.output_dir)
     if resume:
         logger.info("resuming from %s", resume)

@@ -27,28 +27,29 @@ def peak_memory_gib(device: torch.device) -> float:
 class SFTTrainer(Trainer):
     def __init__(self, *args, **kwargs) -> None:
         super().__init__(*args, **kwargs)
-        self._tokens = 0
-        self._label_tokens = 0
-        self._since = time.perf_counter()
+        self._counts: torch.Tensor | None = None  # [tokens, label tokens] since the last log, on the device
+        self._since: float | None = None  # set by the first training batch: model setup is not training time
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         if model.training:
-            if "attention_mask" in inputs:
-                self._tokens += int(inputs["attention_mask"].sum())
-            else:
-                self._tokens += inputs["input_ids"].numel()
-            self._label_tokens += int((inputs["labels"] != IGNORE_INDEX).sum())
+            if self._since is None:
+                self._since = time.perf_counter()
+            # Accumulated as device tensors: reading them back every micro-batch would stall the GPU.
+            real = inputs["attention_mask"].sum() if "attention_mask" in inputs else inputs["input_ids"].numel()
+            labelled = (inputs["labels"] != IGNORE_INDEX).sum()
+            step = torch.stack([torch.as_tensor(real, device=labelled.device), labelled]).to(torch.float64)
+            self._counts = step if self._counts is None else self._counts + step
         return super().compute_loss(model, inputs, return_outputs=return_outputs,
                                     num_items_in_batch=num_items_in_batch)
 
     def _throughput(self) -> dict[str, float]:
-        counts = torch.tensor([self._tokens, self._label_tokens], dtype=torch.float64)
+        counts = self._counts if self._counts is not None else torch.zeros(2, dtype=torch.float64)
         if dist.is_available() and dist.is_initialized():
             counts = counts.to(self.args.device if dist.get_backend() == "nccl" else "cpu")
             dist.all_reduce(counts)
         now = time.perf_counter()
-        elapsed = max(now - self._since, 1e-9)
-        self._tokens = self._label_tokens = 0
+        elapsed = max(now - (self._since or now), 1e-9)
+        self._counts = None
         self._since = now
         return {
             "tokens_per_second": round(float(counts[0]) / elapsed, 1),
