@@ -5,6 +5,10 @@
 - Gradient checkpointing needs inputs that require grad when the embeddings are frozen, or no gradient flows.
 - Tokens added to the vocabulary have untrained embeddings: the embedding and output layers are then trained
   and saved in full with the adapter, or the adapter is useless once reloaded.
+- A model whose output layer shares the input embedding's weights (``tie_word_embeddings``) keeps sharing them:
+  one trained copy instead of two that drift apart, and the merged model stays tied like its base.
+- QLoRA: ``prepare_model_for_kbit_training`` casts the few unquantised weights (norms, embeddings) to float32
+  and freezes the 4-bit base; checkpointing is non-reentrant, which needs no grad-requiring inputs.
 """
 
 from __future__ import annotations
@@ -33,6 +37,11 @@ def embedding_module_names(model: PreTrainedModel) -> list[str]:
     return [n for n in names if n]
 
 
+def embeddings_tied(model: PreTrainedModel) -> bool:
+    output = model.get_output_embeddings()
+    return output is not None and output.weight is model.get_input_embeddings().weight
+
+
 def apply_lora(
     model: PreTrainedModel,
     args: FinetuneArguments,
@@ -42,7 +51,8 @@ def apply_lora(
     train_embeddings: bool = False,
 ) -> PeftModel:
     if args.finetuning_type == "qlora":
-        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=gradient_checkpointing)
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=gradient_checkpointing,
+                                                gradient_checkpointing_kwargs={"use_reentrant": False})
     elif gradient_checkpointing:
         model.enable_input_require_grads()
 
@@ -50,6 +60,13 @@ def apply_lora(
     modules_to_save = [m.strip() for m in args.modules_to_save.split(",")] if args.modules_to_save else []
     if train_embeddings:
         modules_to_save += [m for m in embedding_module_names(model) if m not in modules_to_save]
+    tie = embeddings_tied(model) and any(m in modules_to_save for m in embedding_module_names(model))
+    if tie and "ensure_weight_tying" in LoraConfig.__dataclass_fields__:
+        # One shared trained copy (peft ties the output layer to it); listing the head too would untie them.
+        extra = {"ensure_weight_tying": True}
+        modules_to_save = [m for m in modules_to_save if m != _module_name(model, model.get_output_embeddings())]
+    else:
+        extra = {}
     config = LoraConfig(
         r=args.lora_r,
         lora_alpha=args.lora_alpha,
@@ -59,6 +76,7 @@ def apply_lora(
         use_dora=args.use_dora,
         bias="none",
         task_type="CAUSAL_LM",
+        **extra,
     )
     torch.manual_seed(seed)
     peft_model = get_peft_model(model, config)
