@@ -16,7 +16,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from trainer.callbacks.swanlab import REDACTED, resolve_mode, scrub
+from trainer.callbacks.swanlab import resolve_mode
+from trainer.run_config import REDACTED, scrub
 
 REPO = Path(__file__).resolve().parents[1]
 TANG = REPO.parent / "shared" / "data" / "tang" / "Tang_training_data.json"

@@ -35,6 +35,7 @@ from trainer.data.templates import TemplateError, resolve_template
 from trainer.inference import InferenceLoadError, adapter_base, is_adapter, is_model, load_for_inference
 from trainer.merge import DTYPES, stop_token_ids
 from trainer.model import ModelSetupError, resize_for_tokenizer
+from trainer.run_config import read_run_config
 from trainer.sampling import default_generation_config, generate_replies
 
 logger = logging.getLogger("generate")
@@ -225,7 +226,8 @@ def build_parser() -> argparse.ArgumentParser:
                     help="A user message to answer (repeatable), instead of --input_file or stdin.")
     io.add_argument("--max_prompts", type=int, default=None, help="Use only the first N prompts of --input_file.")
     io.add_argument("--system", default=None,
-                    help="System prompt for prompts that have none (use the one training used).")
+                    help="System prompt for prompts that have none (default: the one training used, from the run's "
+                    "run_config.json).")
 
     gen = parser.add_argument_group("generation (transformers GenerationConfig)")
     gen.add_argument("--max_new_tokens", type=int, default=128, help="Longest reply in tokens.")
@@ -320,6 +322,15 @@ class Generator:
                 print(show(self.answer(self.model, items)[0]), flush=True)
 
 
+def training_system_prompt(model: str | Path) -> str | None:
+    """The ``--system`` a run was trained with: prompts should look as they did in training."""
+    config = read_run_config(model)
+    system = (config or {}).get("data", {}).get("system")
+    if system:
+        logging.getLogger(__name__).info("system prompt from the training run: %r", system)
+    return system
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(format="[%(asctime)s] %(name)s: %(message)s", datefmt="%H:%M:%S", level=logging.INFO,
@@ -327,6 +338,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.input_file is not None and args.prompt:
             raise GenerateError("give --input_file or --prompt, not both")
+        if args.system is None:
+            args.system = training_system_prompt(args.model)
         items = None
         if args.input_file is not None:
             items = read_items(args.input_file, args.system, args.max_prompts)

@@ -29,6 +29,7 @@ from trainer.data.packing import PackedCollator, PaddedCollator, PaddingFreeColl
 from trainer.data.registry import cache_root
 from trainer.data.templates import TemplateError, end_of_turn_token_id, resolve_template
 from trainer.model import ModelSetupError, add_special_tokens, load_model, load_tokenizer, resize_for_tokenizer
+from trainer.run_config import write_run_config
 from trainer.samples import SampleRecorder, load_sample_prompts
 from trainer.sft_trainer import SFTTrainer
 from trainer.tiny import build_tiny_model, is_builtin
@@ -103,7 +104,7 @@ def run(cfg: Config) -> int:
     if is_builtin(model_path):
         with args.main_process_first(desc="building the built-in model"):
             texts = [m["content"] for c in train_records.conversations for m in c]
-            model_path = str(build_tiny_model(model_path, texts, seed=args.seed))
+            model_path = str(build_tiny_model(model_path, texts))
     tokenizer = load_tokenizer(model_path, cfg.model.trust_remote_code)
     added = add_special_tokens(tokenizer, cfg.model.add_special_tokens.split(",")) \
         if cfg.model.add_special_tokens else []
@@ -120,6 +121,7 @@ def run(cfg: Config) -> int:
     logger.info("%s", data.report.summary())
     if args.process_index == 0:
         data.report.write(args.output_dir)
+        write_run_config(cfg, data.report, world_size)
     if data.eval is None and args.eval_strategy != "no":
         raise ConfigError(f"--eval_strategy {args.eval_strategy} needs evaluation data: --val_size or --eval_dataset")
 

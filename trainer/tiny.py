@@ -16,8 +16,9 @@ from collections.abc import Iterable
 from pathlib import Path
 
 import torch
+import transformers
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedTokenizerFast
+from transformers import AutoConfig, PreTrainedTokenizerFast
 
 from trainer.data.registry import cache_root
 from trainer.data.templates import CHATML
@@ -80,7 +81,9 @@ def build_tiny_model(name: str, texts: list[str], seed: int = 0) -> Path:
     config.bos_token_id, config.eos_token_id = tokenizer.bos_token_id, tokenizer.eos_token_id
     config.pad_token_id = tokenizer.pad_token_id
     torch.manual_seed(seed)
-    model = AutoModelForCausalLM.from_config(config)
+    # The class itself, not AutoModelForCausalLM.from_config: under a ZeRO-3 launch from_config partitions the
+    # weights with collectives, which would deadlock while only one process builds the model.
+    model = getattr(transformers, config.architectures[0])(config)
 
     # Build in a temporary folder and rename: concurrent ranks or an interrupted build never leave half a model.
     folder.parent.mkdir(parents=True, exist_ok=True)

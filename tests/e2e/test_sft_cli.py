@@ -34,7 +34,7 @@ def test_loss_goes_down_and_outputs_are_complete(trained):
     assert sum(losses[-3:]) / 3 < losses[0] - 0.5, losses
     assert all(h["tokens_per_second"] > 0 and h["label_tokens_per_second"] > 0 for h in history if "loss" in h)
     for name in ("model.safetensors", "config.json", "tokenizer.json", "chat_template.jinja", "loss.png",
-                 "data_report.json", "samples.md", "samples.json", "train_results.json"):
+                 "data_report.json", "samples.md", "samples.json", "train_results.json", "run_config.json"):
         assert (out / name).is_file(), name
     report = json.loads((out / "data_report.json").read_text())
     assert report["train_examples"] == 64 and report["packing"]["efficiency"] > 0.9

@@ -23,15 +23,14 @@ import atexit
 import importlib.metadata
 import importlib.util
 import logging
-import os
-import re
-from dataclasses import asdict
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import swanlab
 from swanlab.integration.transformers import SwanLabCallback
 from transformers import TrainerCallback
+
+from trainer.run_config import known_secrets, resolved_config, scrub
 
 if TYPE_CHECKING:
     from trainer.args import Config
@@ -42,14 +41,6 @@ logger = logging.getLogger(__name__)
 
 # Our --swanlab_mode names → SwanLab's.
 MODES = {"cloud": "online", "local": "local", "offline": "offline", "disabled": "disabled"}
-
-VERSIONED_PACKAGES = ("torch", "transformers", "accelerate", "peft", "deepspeed", "swanlab", "datasets")
-
-# Environment variables whose values are secrets wherever they turn up in what is logged.
-SECRET_ENV_VARS = ("SWANLAB_API_KEY", "HF_TOKEN", "HUGGING_FACE_HUB_TOKEN", "WANDB_API_KEY", "OPENAI_API_KEY")
-# Option names that hold a secret (hub_token, api_key, ...), but not counts like max_new_tokens or pad_token_id.
-SECRET_NAME = re.compile(r"(^|_)(token|api_?key|secret|password|passwd|credentials?)$", re.IGNORECASE)
-REDACTED = "<redacted>"
 
 
 def resolve_mode(mode: str) -> str:
@@ -67,65 +58,6 @@ def resolve_mode(mode: str) -> str:
         )
         return "offline"
     return MODES[mode]
-
-
-def scrub(value: Any, secrets: tuple[str, ...] = ()) -> Any:
-    """A copy of ``value`` with secrets replaced: entries named like tokens/keys, and any known secret string.
-
-    ``secrets`` are literal values (e.g. the API key from the environment) removed wherever they occur, so a key
-    pasted into a description or a path cannot leak either.
-    """
-    if isinstance(value, dict):
-        return {
-            str(k): REDACTED if SECRET_NAME.search(str(k)) and isinstance(v, str) and v else scrub(v, secrets)
-            for k, v in value.items()
-        }
-    if isinstance(value, (list, tuple, set)):
-        return [scrub(v, secrets) for v in value]
-    if isinstance(value, str):
-        for secret in secrets:
-            value = value.replace(secret, REDACTED)
-        return value
-    if value is None or isinstance(value, (bool, int, float)):
-        return value
-    return scrub(str(value), secrets)
-
-
-def known_secrets() -> tuple[str, ...]:
-    return tuple(v for name in SECRET_ENV_VARS if len(v := os.environ.get(name, "")) >= 6)
-
-
-def versions() -> dict[str, str | None]:
-    found: dict[str, str | None] = {}
-    for name in VERSIONED_PACKAGES:
-        try:
-            found[name] = importlib.metadata.version(name)
-        except importlib.metadata.PackageNotFoundError:
-            found[name] = None
-    return found
-
-
-def resolved_config(cfg: Config, report: DataReport, world_size: int) -> dict[str, Any]:
-    """Everything needed to reproduce the run, as one nested mapping (not yet scrubbed)."""
-    args = cfg.training
-    global_batch = args.per_device_train_batch_size * world_size * args.gradient_accumulation_steps
-    data_report = {k: v for k, v in asdict(report).items() if k not in ("skipped_records", "packing")}
-    data_report["skipped_records"] = len(report.skipped_records)
-    data_report["summary"] = report.summary()
-    if report.packing:
-        data_report["packing"] = {k: v for k, v in report.packing.items()}
-    return {
-        "recipe": str(cfg.recipe) if cfg.recipe else None,
-        "model": asdict(cfg.model),
-        "data": asdict(cfg.data),
-        "finetune": asdict(cfg.finetune),
-        "tracking": asdict(cfg.tracking),
-        "training": args.to_dict(),
-        "world_size": world_size,
-        "global_batch_size": global_batch,
-        "versions": versions(),
-        "data_report": data_report,
-    }
 
 
 def _model_facts(model) -> dict[str, Any]:

@@ -1,0 +1,104 @@
+"""The resolved configuration of a run, written beside its results and sent to trackers, without secrets.
+
+A run folder must say how it was made (recipe, every option, world size, global batch, library versions, what the
+data turned out to be) — and must never carry a token or API key, since output folders get copied and shared.
+"""
+
+from __future__ import annotations
+
+import importlib.metadata
+import json
+import os
+import re
+from dataclasses import asdict
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from trainer.args import Config
+    from trainer.data.build import DataReport
+
+RUN_CONFIG = "run_config.json"
+
+VERSIONED_PACKAGES = ("torch", "transformers", "accelerate", "peft", "deepspeed", "swanlab", "datasets")
+
+# Environment variables whose values are secrets wherever they turn up in what is logged.
+SECRET_ENV_VARS = ("SWANLAB_API_KEY", "HF_TOKEN", "HUGGING_FACE_HUB_TOKEN", "WANDB_API_KEY", "OPENAI_API_KEY")
+# Option names that hold a secret (hub_token, api_key, ...), but not counts like max_new_tokens or pad_token_id.
+SECRET_NAME = re.compile(r"(^|_)(token|api_?key|secret|password|passwd|credentials?)$", re.IGNORECASE)
+REDACTED = "<redacted>"
+
+
+def scrub(value: Any, secrets: tuple[str, ...] = ()) -> Any:
+    """A copy of ``value`` with secrets replaced: entries named like tokens/keys, and any known secret string.
+
+    ``secrets`` are literal values (e.g. the API key from the environment) removed wherever they occur, so a key
+    pasted into a description or a path cannot leak either.
+    """
+    if isinstance(value, dict):
+        return {
+            str(k): REDACTED if SECRET_NAME.search(str(k)) and isinstance(v, str) and v else scrub(v, secrets)
+            for k, v in value.items()
+        }
+    if isinstance(value, (list, tuple, set)):
+        return [scrub(v, secrets) for v in value]
+    if isinstance(value, str):
+        for secret in secrets:
+            value = value.replace(secret, REDACTED)
+        return value
+    if value is None or isinstance(value, (bool, int, float)):
+        return value
+    return scrub(str(value), secrets)
+
+
+def known_secrets() -> tuple[str, ...]:
+    return tuple(v for name in SECRET_ENV_VARS if len(v := os.environ.get(name, "")) >= 6)
+
+
+def versions() -> dict[str, str | None]:
+    found: dict[str, str | None] = {}
+    for name in VERSIONED_PACKAGES:
+        try:
+            found[name] = importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            found[name] = None
+    return found
+
+
+def resolved_config(cfg: Config, report: DataReport, world_size: int) -> dict[str, Any]:
+    """Everything needed to reproduce the run, as one nested mapping (not yet scrubbed)."""
+    args = cfg.training
+    global_batch = args.per_device_train_batch_size * world_size * args.gradient_accumulation_steps
+    data_report = {k: v for k, v in asdict(report).items() if k not in ("skipped_records", "packing")}
+    data_report["skipped_records"] = len(report.skipped_records)
+    data_report["summary"] = report.summary()
+    if report.packing:
+        data_report["packing"] = {k: v for k, v in report.packing.items()}
+    return {
+        "recipe": str(cfg.recipe) if cfg.recipe else None,
+        "model": asdict(cfg.model),
+        "data": asdict(cfg.data),
+        "finetune": asdict(cfg.finetune),
+        "tracking": asdict(cfg.tracking),
+        "training": args.to_dict(),
+        "world_size": world_size,
+        "global_batch_size": global_batch,
+        "versions": versions(),
+        "data_report": data_report,
+    }
+
+
+def write_run_config(cfg: Config, report: DataReport, world_size: int) -> Path:
+    path = Path(cfg.training.output_dir) / RUN_CONFIG
+    path.parent.mkdir(parents=True, exist_ok=True)
+    config = scrub(resolved_config(cfg, report, world_size), known_secrets())
+    path.write_text(json.dumps(config, ensure_ascii=False, indent=2), encoding="utf-8")
+    return path
+
+
+def read_run_config(folder: str | Path) -> dict | None:
+    """The run configuration of a run folder or one of its checkpoints, if it has one."""
+    for candidate in (Path(folder), Path(folder).parent):
+        if (candidate / RUN_CONFIG).is_file():
+            return json.loads((candidate / RUN_CONFIG).read_text(encoding="utf-8"))
+    return None
