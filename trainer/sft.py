@@ -71,6 +71,7 @@ def apply_global_batch(cfg: Config, world_size: int) -> None:
 
 def collator_for(cfg: Config, attn: str, pad_token_id: int):
     if cfg.data.packing:
+        # flash attention only isolates the examples of a packed row at batch size 1: one flattened row per batch.
         return PackedCollator(pad_token_id, flatten=attn.startswith("flash_attention"))
     if cfg.data.padding_free:
         return PaddingFreeCollator()
@@ -154,9 +155,10 @@ def run(cfg: Config) -> int:
         args.report_to = [r for r in args.report_to if r != "swanlab"]
         callbacks.append(make_swanlab_callback(cfg, data.report, world_size, samples))
 
+    collator = collator_for(cfg, model.config._attn_implementation, tokenizer.pad_token_id)
+    logger.info("batches: %s %s", type(collator).__name__, vars(collator) if hasattr(collator, "__dict__") else "")
     trainer = SFTTrainer(
-        model=model, args=args, train_dataset=data.train, eval_dataset=data.eval,
-        data_collator=collator_for(cfg, model.config._attn_implementation, tokenizer.pad_token_id),
+        model=model, args=args, train_dataset=data.train, eval_dataset=data.eval, data_collator=collator,
         processing_class=tokenizer, callbacks=callbacks,
     )
     result = trainer.train(resume_from_checkpoint=resume)

@@ -52,7 +52,7 @@ def test_sigkill_then_resume_equals_uninterrupted(nproc, tang_slice, tmp_path):
     killed = tmp_path / "killed"
     proc = start_sft(*common(tang_slice, killed), log=tmp_path / "killed.log", nproc=nproc)
     wait_for(killed / "checkpoint-6" / "COMPLETE", proc)
-    os.killpg(proc.pid, signal.SIGKILL)
+    kill_job(proc)
     proc.wait()
     assert not (killed / "train_results.json").exists(), "the run finished before it could be killed"
 
@@ -88,6 +88,19 @@ def test_half_written_checkpoint_is_never_resumed(tang_slice, tmp_path):
     (out / "checkpoint-3" / "COMPLETE").write_text("ok")
     assert resolve_resume("latest", out) == str(out / "checkpoint-3")
     assert resolve_resume("latest", tmp_path / "empty") is None
+
+
+def kill_job(proc, sig: int = signal.SIGKILL) -> None:
+    """Signal the launcher and every process below it (torchrun's workers run in sessions of their own)."""
+    pids, frontier = [proc.pid], [proc.pid]
+    while frontier:
+        frontier = [child for pid in frontier for child in _children(pid)]
+        pids += frontier
+    for pid in pids:
+        try:
+            os.kill(pid, sig)
+        except ProcessLookupError:
+            pass
 
 
 def _children(pid: int) -> list[int]:
