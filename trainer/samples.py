@@ -42,7 +42,8 @@ class SampleRecorder:
         self.prompts = prompts
         self.tokenizer = tokenizer
         self.stop_ids = stop_ids
-        self.config = default_generation_config(tokenizer, max_new_tokens)
+        # Greedy with no repeated trigram, as the Tang notebook decodes: untrained models otherwise loop on one token.
+        self.config = default_generation_config(tokenizer, max_new_tokens, no_repeat_ngram_size=3)
         self.replies: dict[str, list[str]] = {}
         self.latest: tuple[str, list[str]] | None = None
 
