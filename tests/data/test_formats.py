@@ -288,3 +288,24 @@ def test_rejects_unknown_on_bad_record_value(tmp_path):
     path = write_jsonl(tmp_path / "d.jsonl", [{"instruction": "q", "output": "a"}])
     with pytest.raises(ValueError, match="on_bad_record"):
         read_conversations(path, on_bad_record="ignore")
+
+
+def test_prompt_files_may_lack_answers_but_are_still_checked(tmp_path):
+    from trainer.data.prompts import read_prompts
+
+    test_set = SHARED_DATA / "tang" / "Tang_testing_data.json"
+    if not test_set.is_file():
+        pytest.skip("shared data not present")
+    with pytest.raises(DataError, match="Tang_testing_data.json:2: missing field 'output'"):
+        read_conversations(test_set)
+    prompts = read_prompts(test_set, system="poet")
+    assert len(prompts) == 15 and all(p.reference is None for p in prompts)
+    assert prompts[0].messages[0] == {"role": "system", "content": "poet"}
+    assert prompts[0].messages[-1]["role"] == "user" and "\n" in prompts[0].text
+    bad = tmp_path / "p.jsonl"
+    bad.write_text('{"messages": ["q", "a"]}\n{"messages": "not a list"}\n', encoding="utf-8")
+    with pytest.raises(DataError, match=r"p\.jsonl:2:"):
+        read_prompts(bad)
+    good = tmp_path / "good.jsonl"
+    good.write_text('{"messages": ["q", "a"]}\n{"messages": ["q2"]}\n', encoding="utf-8")
+    assert [(p.text, p.reference) for p in read_prompts(good)] == [("q", "a"), ("q2", None)]

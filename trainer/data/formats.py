@@ -69,8 +69,11 @@ def detect_format(record: dict) -> str | None:
     return None
 
 
-def read_conversations(path: str | Path, on_bad_record: str = "error") -> ConversationFile:
+def read_conversations(path: str | Path, on_bad_record: str = "error", prompts: bool = False) -> ConversationFile:
     """Read a .json (array of records) or .jsonl (one record per line) file into validated conversations.
+
+    ``prompts=True`` reads prompt files (e.g. a test set): the final answer may be missing (an alpaca record
+    without ``output``, a conversation ending on the user); everything else is checked as for training data.
 
     The format is detected from the first record and every record must match it. ``on_bad_record="skip"`` collects
     bad records in ``skipped`` instead of raising; damage to the file as a whole (a broken .json array, non-UTF-8
@@ -90,7 +93,7 @@ def read_conversations(path: str | Path, on_bad_record: str = "error") -> Conver
     result = ConversationFile(path=where, format="")
     records = _jsonl_records(text) if suffix == ".jsonl" else _json_array_records(text, where)
     skip = on_bad_record == "skip"
-    convert: Callable[[dict], Conversation] | None = None
+    convert: Callable[[dict, bool], Conversation] | None = None
     count = 0
     for index, (line, record) in enumerate(records):
         count += 1
@@ -105,8 +108,8 @@ def read_conversations(path: str | Path, on_bad_record: str = "error") -> Conver
                 if fmt is None:
                     raise _RecordError(_no_format_reason(record))
                 result.format, convert = fmt, _CONVERTERS[fmt]
-            conversation = convert(record)
-            _validate(conversation)
+            conversation = convert(record, prompts)
+            _validate(conversation, prompts)
         except _RecordError as err:
             fmt_note = f", format {result.format}" if result.format else ""
             if not skip:
@@ -242,9 +245,10 @@ def _system_first(system: str) -> Conversation:
     return [{"role": "system", "content": system}] if system else []
 
 
-def _from_alpaca(record: dict) -> Conversation:
+def _from_alpaca(record: dict, prompts: bool = False) -> Conversation:
     instruction = _text(_require(record, "instruction", "alpaca"), "field 'instruction'")
-    output = _text(_require(record, "output", "alpaca"), "field 'output'")
+    output = None if prompts and "output" not in record else _text(_require(record, "output", "alpaca"),
+                                                                     "field 'output'")
     extra = _optional_text(record, "input")
     conversation = _system_first(_optional_text(record, "system"))
     history = record.get("history")
@@ -254,11 +258,12 @@ def _from_alpaca(record: dict) -> Conversation:
         conversation.append({"role": "user", "content": _text(pair[0], f"history[{turn}][0]")})
         conversation.append({"role": "assistant", "content": _text(pair[1], f"history[{turn}][1]")})
     conversation.append({"role": "user", "content": f"{instruction}\n{extra}" if extra else instruction})
-    conversation.append({"role": "assistant", "content": output})
+    if output is not None:
+        conversation.append({"role": "assistant", "content": output})
     return conversation
 
 
-def _from_messages(record: dict) -> Conversation:
+def _from_messages(record: dict, prompts: bool = False) -> Conversation:
     conversation = []
     for i, message in enumerate(_list(_require(record, "messages", "messages"), "field 'messages'")):
         if not isinstance(message, dict):
@@ -270,7 +275,7 @@ def _from_messages(record: dict) -> Conversation:
     return conversation
 
 
-def _from_sharegpt(record: dict) -> Conversation:
+def _from_sharegpt(record: dict, prompts: bool = False) -> Conversation:
     conversation = _system_first(_optional_text(record, "system"))
     for i, message in enumerate(_list(_require(record, "conversations", "sharegpt"), "field 'conversations'")):
         if not isinstance(message, dict):
@@ -285,7 +290,7 @@ def _from_sharegpt(record: dict) -> Conversation:
     return conversation
 
 
-def _from_alternating(record: dict) -> Conversation:
+def _from_alternating(record: dict, prompts: bool = False) -> Conversation:
     conversation = _system_first(_optional_text(record, "system"))
     for i, text in enumerate(_list(_require(record, "messages", "alternating"), "field 'messages'")):
         role = "user" if i % 2 == 0 else "assistant"
@@ -293,7 +298,7 @@ def _from_alternating(record: dict) -> Conversation:
     return conversation
 
 
-_CONVERTERS: dict[str, Callable[[dict], Conversation]] = {
+_CONVERTERS: dict[str, Callable[[dict, bool], Conversation]] = {
     "alpaca": _from_alpaca,
     "messages": _from_messages,
     "sharegpt": _from_sharegpt,
@@ -301,7 +306,7 @@ _CONVERTERS: dict[str, Callable[[dict], Conversation]] = {
 }
 
 
-def _validate(conversation: Conversation) -> None:
+def _validate(conversation: Conversation, prompts: bool = False) -> None:
     turns = conversation[1:] if conversation and conversation[0]["role"] == "system" else conversation
     offset = len(conversation) - len(turns)
     if not turns:
@@ -315,5 +320,5 @@ def _validate(conversation: Conversation) -> None:
             )
         if expected == "assistant" and not message["content"].strip():
             raise _RecordError(f"message {i + offset} is an empty assistant answer")
-    if turns[-1]["role"] != "assistant":
+    if turns[-1]["role"] != "assistant" and not prompts:
         raise _RecordError("conversation ends on the user; the last message must be an assistant answer")
