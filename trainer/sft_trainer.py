@@ -1,4 +1,7 @@
-"""The HF Trainer plus useful-token accounting: tokens/s and label tokens/s summed over all ranks.
+"""The HF Trainer plus two things it lacks: full global batches on any world size, and useful-token accounting.
+
+Batches come from :class:`~trainer.batch.GlobalBatchSampler`, so one process and N processes take the same
+optimizer steps (see its docstring for the last, partial global batch where the stock samplers differ).
 
 Throughput is measured where the batches are (``compute_loss``) and reported where the logs are made, so the
 figures land in ``trainer_state.json``'s log history and every tracker alike. One all-reduce per log line is the
@@ -7,14 +10,19 @@ only synchronisation it adds.
 
 from __future__ import annotations
 
+import logging
 import resource
 import time
 
+import datasets
 import torch
 import torch.distributed as dist
-from transformers import Trainer
+from transformers import Trainer, TrainerCallback
 
+from trainer.batch import GlobalBatchSampler, with_empty_row
 from trainer.data.templates import IGNORE_INDEX
+
+logger = logging.getLogger("sft")
 
 
 def peak_memory_gib(device: torch.device) -> float:
@@ -24,11 +32,65 @@ def peak_memory_gib(device: torch.device) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # Linux reports KiB
 
 
+class _SamplerEpoch(TrainerCallback):
+    """Tell the sampler which epoch starts, from the step count.
+
+    The Trainer's own ``set_epoch`` does not reach a sampler behind accelerate's shard and skip wrappers, which is
+    what a multi-process run resumed in the middle of a later epoch has; without this it would replay epoch 0's order.
+    """
+
+    def __init__(self, sampler: GlobalBatchSampler) -> None:
+        self.sampler = sampler
+
+    def on_epoch_begin(self, args, state, control, **kwargs):
+        steps_per_epoch = len(self.sampler) // self.sampler.global_batch_size
+        self.sampler.set_epoch(state.global_step // steps_per_epoch)
+
+
 class SFTTrainer(Trainer):
     def __init__(self, *args, **kwargs) -> None:
         super().__init__(*args, **kwargs)
         self._counts: torch.Tensor | None = None  # [tokens, label tokens] since the last log, on the device
         self._since: float | None = None  # set by the first training batch: model setup is not training time
+        self._sampler_epoch: _SamplerEpoch | None = None
+        self._train_rows: int | None = None  # rows of the training set, set while its data loader is built
+
+    def get_train_dataloader(self):
+        # The sampler completes the last global batch with an empty row appended for the data loader only: the
+        # data set the caller passed keeps its rows (and the Trainer's "Num examples" its count).
+        dataset = self.train_dataset
+        if not self._uses_global_batch_sampler(dataset):
+            return super().get_train_dataloader()
+        self._train_rows = len(dataset)
+        self.train_dataset = with_empty_row(dataset)
+        try:
+            return super().get_train_dataloader()
+        finally:
+            self.train_dataset = dataset
+
+    def _uses_global_batch_sampler(self, dataset) -> bool:
+        return (self.args.train_sampling_strategy == "random" and isinstance(dataset, datasets.Dataset)
+                and len(dataset) > 0)
+
+    def _get_train_sampler(self, train_dataset=None):
+        dataset = train_dataset if train_dataset is not None else self.train_dataset
+        if not self._uses_global_batch_sampler(dataset) or self._train_rows is None:
+            return super()._get_train_sampler(train_dataset)
+        args = self.args
+        global_batch = args.per_device_train_batch_size * args.world_size * args.gradient_accumulation_steps
+        seed = args.data_seed if args.data_seed is not None else args.seed
+        rows = self._train_rows
+        assert len(dataset) == rows + 1, "the sampler's data set lacks the empty row"
+        sampler = GlobalBatchSampler(rows, global_batch, seed, drop_last=args.dataloader_drop_last)
+        if self._sampler_epoch is not None:
+            self.remove_callback(self._sampler_epoch)
+        self._sampler_epoch = _SamplerEpoch(sampler)
+        self.add_callback(self._sampler_epoch)
+        if rows % global_batch:
+            logger.info("each epoch: %d rows in %d steps of %d; the last step %s", rows, len(sampler) // global_batch,
+                        global_batch, f"has {rows % global_batch} rows (+ {sampler.empty_rows} empty ones)"
+                        if sampler.empty_rows else f"is dropped ({rows % global_batch} rows, --dataloader_drop_last)")
+        return sampler
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         if model.training:
