@@ -54,6 +54,7 @@ class SFTTrainer(Trainer):
         self._since: float | None = None  # set by the first training batch: model setup is not training time
         self._sampler_epoch: _SamplerEpoch | None = None
         self._train_rows: int | None = None  # rows of the training set, set while its data loader is built
+        self._loader_with_empty_row = None
 
     def get_train_dataloader(self):
         # The sampler completes the last global batch with an empty row appended for the data loader only: the
@@ -64,9 +65,16 @@ class SFTTrainer(Trainer):
         self._train_rows = len(dataset)
         self.train_dataset = with_empty_row(dataset)
         try:
-            return super().get_train_dataloader()
+            loader = super().get_train_dataloader()
         finally:
             self.train_dataset = dataset
+        self._loader_with_empty_row = loader.dataset
+        return loader
+
+    def num_examples(self, dataloader) -> int:
+        if getattr(dataloader, "dataset", None) is self._loader_with_empty_row:
+            return self._train_rows  # the empty row is no example
+        return super().num_examples(dataloader)
 
     def _uses_global_batch_sampler(self, dataset) -> bool:
         return (self.args.train_sampling_strategy == "random" and isinstance(dataset, datasets.Dataset)
