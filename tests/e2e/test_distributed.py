@@ -106,3 +106,18 @@ def test_zero3_killed_and_resumed_equals_uninterrupted(tang_slice, tmp_path):
     from transformers import AutoModelForCausalLM
 
     AutoModelForCausalLM.from_pretrained(killed)  # full safetensors written by the ZeRO-3 save
+
+
+def test_resumed_in_a_later_epoch_on_two_processes_takes_that_epochs_order(tang_slice, tmp_path):
+    """22 rows at a global batch of 8 are 3 steps an epoch: checkpoint-4 lies inside the second epoch. Resuming there
+    under DDP, the batches come through accelerate's shard and skip wrappers, which the Trainer's ``set_epoch`` does
+    not reach; the sampler must still draw the second epoch's order, not replay the first's."""
+    ddp = str(REPO / LAUNCH["ddp"])
+    extra = ("--max_steps", "6")
+    full = tmp_path / "full"
+    run_sft(*args(tang_slice, full, "adamw_torch", "full", *extra), "--save_strategy", "steps", "--save_steps", "4",
+            nproc=2, launch_config=ddp)
+    resumed = tmp_path / "resumed"
+    run_sft(*args(tang_slice, resumed, "adamw_torch", "full", *extra), "--resume_from_checkpoint",
+            str(full / "checkpoint-4"), nproc=2, launch_config=ddp)
+    assert relative_difference(weights(full), weights(resumed)) < 1e-7
