@@ -14,6 +14,8 @@ from collections.abc import Iterator
 import datasets
 import torch
 
+from trainer.data.templates import IGNORE_INDEX
+
 
 class BatchSizeError(ValueError):
     pass
@@ -36,7 +38,7 @@ def gradient_accumulation_for(global_batch_size: int, per_device_batch_size: int
     return global_batch_size // per_step
 
 
-EMPTY_ROW_VALUES = {"input_ids": [0], "labels": [-100], "position_ids": [0], "attention_mask": [1]}
+EMPTY_ROW_VALUES = {"input_ids": [0], "labels": [IGNORE_INDEX], "position_ids": [0], "attention_mask": [1]}
 
 
 def with_empty_row(dataset: datasets.Dataset) -> datasets.Dataset:
@@ -55,7 +57,7 @@ class GlobalBatchSampler(torch.utils.data.Sampler[int]):
     of the epoch ("even batches"), so those rows count twice. The two runs then apply different last updates, and N
     processes stopped matching one process (3e-5 to 9e-2 relative after 3 steps on a 22-row epoch).
 
-    Here the last global batch is completed with an empty row: index ``num_rows``, one token whose label is -100
+    Here the last global batch is completed with an empty row: index ``num_rows``, one token without a label
     (:func:`with_empty_row` appends it to the data set). It adds no label token, so no gradient and nothing to the
     token count the loss is divided by: the last step trains on exactly the remaining rows, whatever the number of
     processes, as the short step of a single process does. ``drop_last=True`` drops the partial global batch instead.

@@ -44,7 +44,7 @@ import torch
 from torch.utils.hooks import RemovableHandle
 from transformers import DataCollatorWithFlattening
 
-IGNORE_INDEX = -100
+from trainer.data.templates import IGNORE_INDEX
 
 __all__ = [
     "IGNORE_INDEX",
