@@ -293,6 +293,7 @@ def test_pack_dataset_matches_pack_examples_and_is_fast() -> None:
     assert packed.column_names == ["input_ids", "labels", "position_ids"]
     assert packed.to_list() == pack_examples(examples, 2048, seed=5)
     assert packing_stats(packed.to_list(), 2048).examples == 5001
+    assert packing_stats(packed, 2048) == packing_stats(packed.to_list(), 2048)
     assert elapsed < 5.0  # ~1 s on a CI core
 
 

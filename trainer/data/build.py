@@ -13,6 +13,7 @@ import os
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+import pyarrow.compute as pc
 from datasets import Dataset, disable_progress_bars, enable_progress_bars
 from transformers import PreTrainedTokenizerBase
 
@@ -161,9 +162,11 @@ def tokenize(
 
 
 def count_tokens(dataset: Dataset) -> tuple[int, int]:
-    tokens = sum(len(ids) for ids in dataset["input_ids"])
-    label_tokens = sum(sum(1 for t in labels if t != IGNORE_INDEX) for labels in dataset["labels"])
-    return tokens, label_tokens
+    """Tokens and labelled tokens, counted in Arrow (a Python pass over every token costs seconds on large sets)."""
+    table = dataset.select_columns(["input_ids", "labels"]).with_format("arrow")[:]
+    tokens = pc.sum(pc.list_value_length(table.column("input_ids"))).as_py() or 0
+    label_tokens = pc.sum(pc.not_equal(pc.list_flatten(table.column("labels")), IGNORE_INDEX).cast("int64")).as_py()
+    return tokens, label_tokens or 0
 
 
 @dataclass

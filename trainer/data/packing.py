@@ -40,6 +40,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import datasets
+import pyarrow.compute as pc
 import torch
 from torch.utils.hooks import RemovableHandle
 from transformers import DataCollatorWithFlattening
@@ -309,10 +310,17 @@ class PackingStats:
         )
 
 
-def packing_stats(rows: Sequence[Mapping[str, Sequence[int]]], max_length: int) -> PackingStats:
-    """Measure packed rows; examples are counted by their position-id restarts."""
-    tokens = sum(len(row["input_ids"]) for row in rows)
-    examples = sum(sum(1 for p in row["position_ids"] if p == 0) for row in rows)
+def packing_stats(rows: datasets.Dataset | Sequence[Mapping[str, Sequence[int]]], max_length: int) -> PackingStats:
+    """Measure packed rows; examples are counted by their position-id restarts.
+
+    Counted in Arrow, not by reading every token back into Python (seconds on 100k examples, at every start-up).
+    """
+    if not isinstance(rows, datasets.Dataset):
+        rows = datasets.Dataset.from_list([{"input_ids": r["input_ids"], "position_ids": r["position_ids"]}
+                                           for r in rows])
+    table = rows.select_columns(["input_ids", "position_ids"]).with_format("arrow")[:]
+    tokens = pc.sum(pc.list_value_length(table.column("input_ids"))).as_py() or 0
+    examples = pc.sum(pc.equal(pc.list_flatten(table.column("position_ids")), 0).cast("int64")).as_py() or 0
     return PackingStats(examples=examples, rows=len(rows), tokens=tokens, capacity_tokens=len(rows) * max_length)
 
 
