@@ -36,6 +36,7 @@ from trainer.inference import InferenceLoadError, adapter_base, is_adapter, is_m
 from trainer.merge import DTYPES, stop_token_ids
 from trainer.model import ModelSetupError, resize_for_tokenizer
 from trainer.run_config import read_run_config
+from trainer.samples import markdown_table
 from trainer.sampling import default_generation_config, generate_replies
 
 logger = logging.getLogger("generate")
@@ -157,26 +158,12 @@ def write_results(items: list[Item], predictions: list[str], output_file: Path,
 
 def comparison_table(items: list[Item], base: list[str], tuned: list[str], base_name: str, tuned_name: str) -> str:
     """Markdown: prompt, base model's reply, fine-tuned reply (and the reference where the data has one)."""
-
-    def cell(text: str | None) -> str:
-        return (text or "").replace("|", "\\|").replace("\n", "<br>")
-
     has_reference = any(item.prompt.reference for item in items)
     header = ["#", "prompt", "before (base)", "after (fine-tuned)"] + (["reference"] if has_reference else [])
-    lines = [
-        "# Before / after fine-tuning",
-        "",
-        f"- before: `{base_name}`",
-        f"- after: `{tuned_name}`",
-        "",
-        "| " + " | ".join(header) + " |",
-        "|" + "---|" * len(header),
-    ]
-    for i, item in enumerate(items):
-        cells = [str(i + 1), cell(item.prompt.text), cell(base[i]), cell(tuned[i])]
-        if has_reference:
-            cells.append(cell(item.prompt.reference))
-        lines.append("| " + " | ".join(cells) + " |")
+    rows = [[str(i + 1), item.prompt.text, base[i], tuned[i], *([item.prompt.reference] if has_reference else [])]
+            for i, item in enumerate(items)]
+    lines = ["# Before / after fine-tuning", "", f"- before: `{base_name}`", f"- after: `{tuned_name}`", "",
+             *markdown_table(header, rows)]
     return "\n".join(lines) + "\n"
 
 

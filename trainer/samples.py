@@ -37,6 +37,16 @@ def load_sample_prompts(cfg) -> list[Prompt]:
     return []
 
 
+def markdown_table(header: list[str], rows: list[list[str | None]]) -> list[str]:
+    """The lines of a markdown table; pipes and newlines in generated text are escaped so each row stays one row."""
+
+    def cell(text: str | None) -> str:
+        return (text or "").replace("|", "\\|").replace("\n", "<br>")
+
+    return ["| " + " | ".join(header) + " |", "|" + "---|" * len(header),
+            *("| " + " | ".join(cell(c) for c in row) + " |" for row in rows)]
+
+
 class SampleRecorder:
     def __init__(self, prompts: list[Prompt], tokenizer, stop_ids: list[int], max_new_tokens: int) -> None:
         self.prompts = prompts
@@ -71,16 +81,11 @@ class SampleRecorder:
             rows.append(row)
         (folder / "samples.json").write_text(json.dumps(rows, ensure_ascii=False, indent=2), encoding="utf-8")
 
-        def cell(text: str | None) -> str:
-            return (text or "").replace("|", "\\|").replace("\n", "<br>")
-
-        header = ["#", "prompt", *stages] + (["reference"] if any(p.reference for p in self.prompts) else [])
-        lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-        for i, row in enumerate(rows):
-            cells = [str(i + 1), cell(self.prompts[i].text), *(cell(row[s]) for s in stages)]
-            if len(header) > len(cells):
-                cells.append(cell(row["reference"]))
-            lines.append("| " + " | ".join(cells) + " |")
+        has_reference = any(p.reference for p in self.prompts)
+        header = ["#", "prompt", *stages] + (["reference"] if has_reference else [])
+        cells = [[str(i + 1), prompt.text, *(row[s] for s in stages), *([row["reference"]] if has_reference else [])]
+                 for i, (prompt, row) in enumerate(zip(self.prompts, rows))]
+        lines = markdown_table(header, cells)
         path = folder / "samples.md"
         path.write_text("# Samples: before and after fine-tuning\n\n" + "\n".join(lines) + "\n", encoding="utf-8")
         return path
