@@ -29,7 +29,7 @@ from transformers import AutoModelForCausalLM, GenerationConfig, PreTrainedModel
 from transformers.trainer_utils import set_seed
 
 from trainer.checkpoints import complete_checkpoints
-from trainer.data.formats import DataError
+from trainer.data.formats import DataError, iter_records
 from trainer.data.prompts import Prompt, read_prompts, to_prompt
 from trainer.data.templates import TemplateError, resolve_template
 from trainer.inference import InferenceLoadError, adapter_base, is_adapter, is_model, load_for_inference
@@ -119,9 +119,7 @@ class Item:
 
 def read_items(path: Path, system: str | None, limit: int | None) -> list[Item]:
     prompts = read_prompts(path, system, limit)
-    text = path.read_text(encoding="utf-8")
-    records = [json.loads(line) for line in text.splitlines() if line.strip()] if path.suffix == ".jsonl" \
-        else json.loads(text)
+    records = [record for _, record in iter_records(path)]
     labels = [r.get("input") if isinstance(r, dict) and r.get("input") else None for r in records]
     return [Item(p, labels[i] or p.text) for i, p in enumerate(prompts)]
 

@@ -17,7 +17,7 @@ import pyarrow.compute as pc
 from datasets import Dataset, disable_progress_bars, enable_progress_bars
 from transformers import PreTrainedTokenizerBase
 
-from trainer.data.formats import Conversation, DataError, SkippedRecord, read_conversations
+from trainer.data.formats import Conversation, DataError, SkippedRecord, read_conversations, with_system
 from trainer.data.packing import PackingStats, pack_dataset, packing_stats
 from trainer.data.registry import resolve_dataset
 from trainer.data.templates import IGNORE_INDEX, tokenize_conversation
@@ -72,16 +72,10 @@ def read_records(spec: str, *, data_dir: str | None, on_bad_record: str, system:
     records = Records([])
     for path in resolve_dataset(spec, split="train", data_dir=data_dir):
         loaded = read_conversations(path, on_bad_record=on_bad_record)
-        records.conversations.extend(_with_system(c, system) for c in loaded.conversations)
+        records.conversations.extend(with_system(c, system) for c in loaded.conversations)
         records.files.append({"path": str(path), "format": loaded.format, "records": len(loaded.conversations)})
         records.skipped.extend(loaded.skipped)
     return records
-
-
-def _with_system(conversation: Conversation, system: str | None) -> Conversation:
-    if system and conversation[0]["role"] != "system":
-        return [{"role": "system", "content": system}, *conversation]
-    return conversation
 
 
 def split_eval(conversations: list[Conversation], val_size: float, seed: int) -> tuple[list, list]:

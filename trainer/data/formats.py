@@ -81,17 +81,9 @@ def read_conversations(path: str | Path, on_bad_record: str = "error", prompts: 
     """
     if on_bad_record not in ON_BAD_RECORD:
         raise ValueError(f"on_bad_record must be one of {ON_BAD_RECORD}, got {on_bad_record!r}")
-    path = Path(path)
-    where = str(path)
-    suffix = path.suffix.lower()
-    if suffix not in EXTENSIONS:
-        raise DataError(f"{where}:1: unsupported extension {path.suffix!r}; expected one of {', '.join(EXTENSIONS)}")
-    text = _read_text(path)
-    if not text.strip():
-        raise DataError(f"{where}:1: empty file, no records")
-
+    where = str(Path(path))
     result = ConversationFile(path=where, format="")
-    records = _jsonl_records(text) if suffix == ".jsonl" else _json_array_records(text, where)
+    records = iter_records(path)
     skip = on_bad_record == "skip"
     convert: Callable[[dict, bool], Conversation] | None = None
     count = 0
@@ -127,6 +119,27 @@ def read_conversations(path: str | Path, on_bad_record: str = "error", prompts: 
             f"{where}:{first.line}: no usable records: all {count} were skipped; first problem: {first.reason}"
         )
     return result
+
+
+def iter_records(path: str | Path) -> Iterator[tuple[int, object]]:
+    """``(line, record)`` for each record of a .json array or .jsonl file, in order; a .jsonl line that is not JSON
+    comes as a ``_RecordError`` (so a reader may skip it). The extension, the encoding and an empty file are
+    checked at once, not when iteration starts."""
+    path = Path(path)
+    suffix = path.suffix.lower()
+    if suffix not in EXTENSIONS:
+        raise DataError(f"{path}:1: unsupported extension {path.suffix!r}; expected one of {', '.join(EXTENSIONS)}")
+    text = _read_text(path)
+    if not text.strip():
+        raise DataError(f"{path}:1: empty file, no records")
+    return _jsonl_records(text) if suffix == ".jsonl" else _json_array_records(text, str(path))
+
+
+def with_system(conversation: Conversation, system: str | None) -> Conversation:
+    """``conversation`` with ``system`` as its system message, unless it has its own."""
+    if system and conversation[0]["role"] != "system":
+        return [{"role": "system", "content": system}, *conversation]
+    return conversation
 
 
 def _read_text(path: Path) -> str:

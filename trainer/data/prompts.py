@@ -9,7 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from trainer.data.formats import Conversation, read_conversations
+from trainer.data.formats import Conversation, read_conversations, with_system
 
 
 @dataclass
@@ -27,9 +27,7 @@ def to_prompt(messages: Conversation, system: str | None = None) -> Prompt:
     """Split off a final assistant turn as the reference; add ``system`` where the prompt has none."""
     messages = list(messages)
     reference = messages.pop()["content"] if messages[-1]["role"] == "assistant" else None
-    if system and messages[0]["role"] != "system":
-        messages.insert(0, {"role": "system", "content": system})
-    return Prompt(messages, reference)
+    return Prompt(with_system(messages, system), reference)
 
 
 def read_prompts(path: str | Path, system: str | None = None, limit: int | None = None) -> list[Prompt]:
