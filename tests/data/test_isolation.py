@@ -23,24 +23,9 @@ from trainer.data.packing import (
 )
 
 VOCAB = 128
-ARCHS = {
-    "llama": lambda: LlamaConfig(
-        vocab_size=VOCAB,
-        hidden_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        intermediate_size=128,
-    ),
-    "qwen2": lambda: Qwen2Config(
-        vocab_size=VOCAB,
-        hidden_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        intermediate_size=128,
-    ),
-}
+SHAPE = dict(vocab_size=VOCAB, hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+             intermediate_size=128)
+ARCHS = {"llama": lambda: LlamaConfig(**SHAPE), "qwen2": lambda: Qwen2Config(**SHAPE)}
 BACKENDS = ["sdpa", "eager"]
 TOL = 1e-5
 
