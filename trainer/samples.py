@@ -57,7 +57,7 @@ class SampleRecorder:
         self.replies: dict[str, list[str]] = {}
         self.latest: tuple[str, list[str]] | None = None
 
-    def can_generate(self, args) -> bool:
+    def can_generate(self) -> bool:
         return bool(self.prompts) and not is_deepspeed_zero3_enabled()
 
     def record(self, stage: str, model) -> list[str]:
@@ -68,8 +68,8 @@ class SampleRecorder:
             logger.info("sample [%s] %s → %s", stage, prompt.text.replace("\n", " "), reply.replace("\n", " "))
         return replies
 
-    def callbacks(self, args) -> list[TrainerCallback]:
-        return [_EvalSamples(self)] if self.can_generate(args) else []
+    def callbacks(self) -> list[TrainerCallback]:
+        return [_EvalSamples(self)] if self.can_generate() else []
 
     def write(self, folder: str | Path) -> Path:
         folder = Path(folder)

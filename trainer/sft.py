@@ -144,11 +144,11 @@ def run(cfg: Config) -> int:
                 model.config._attn_implementation, model.dtype, cfg.finetune.finetuning_type)
 
     samples = SampleRecorder(load_sample_prompts(cfg), tokenizer, stop_ids, cfg.data.sample_max_new_tokens)
-    if args.process_index == 0 and not resume and samples.can_generate(args):
+    if args.process_index == 0 and not resume and samples.can_generate():
         samples.record("before", model)
 
     preemption = PreemptionCallback()
-    callbacks = [MarkCompleteCallback(), preemption, *samples.callbacks(args)]
+    callbacks = [MarkCompleteCallback(), preemption, *samples.callbacks()]
     if "swanlab" in (args.report_to or []):
         from trainer.callbacks.swanlab import make_swanlab_callback
 

@@ -33,18 +33,19 @@ def peak_memory_gib(device: torch.device) -> float:
 
 
 class _SamplerEpoch(TrainerCallback):
-    """Tell the sampler which epoch starts, from the step count.
+    """Tell the trainer's sampler which epoch starts, from the step count.
 
     The Trainer's own ``set_epoch`` does not reach a sampler behind accelerate's shard and skip wrappers, which is
     what a multi-process run resumed in the middle of a later epoch has; without this it would replay epoch 0's order.
     """
 
-    def __init__(self, sampler: GlobalBatchSampler) -> None:
-        self.sampler = sampler
+    def __init__(self, trainer: SFTTrainer) -> None:
+        self.trainer = trainer
 
     def on_epoch_begin(self, args, state, control, **kwargs):
-        steps_per_epoch = len(self.sampler) // self.sampler.global_batch_size
-        self.sampler.set_epoch(state.global_step // steps_per_epoch)
+        sampler = self.trainer.train_sampler
+        if sampler is not None:
+            sampler.set_epoch(state.global_step // (len(sampler) // sampler.global_batch_size))
 
 
 class SFTTrainer(Trainer):
@@ -52,48 +53,40 @@ class SFTTrainer(Trainer):
         super().__init__(*args, **kwargs)
         self._counts: torch.Tensor | None = None  # [tokens, label tokens] since the last log, on the device
         self._since: float | None = None  # set by the first training batch: model setup is not training time
-        self._sampler_epoch: _SamplerEpoch | None = None
-        self._train_rows: int | None = None  # rows of the training set, set while its data loader is built
-        self._loader_with_empty_row = None
+        self.train_sampler: GlobalBatchSampler | None = None
+        self._loader_with_empty_row = None  # the training loader's data set: the caller's rows + the empty row
+        self.add_callback(_SamplerEpoch(self))
 
     def get_train_dataloader(self):
         # The sampler completes the last global batch with an empty row appended for the data loader only: the
         # data set the caller passed keeps its rows (and the Trainer's "Num examples" its count).
         dataset = self.train_dataset
-        if not self._uses_global_batch_sampler(dataset):
+        if not (self.args.train_sampling_strategy == "random" and isinstance(dataset, datasets.Dataset)
+                and len(dataset) > 0):
+            self.train_sampler = None
             return super().get_train_dataloader()
-        self._train_rows = len(dataset)
+        self.train_sampler = self._global_batch_sampler(len(dataset))
         self.train_dataset = with_empty_row(dataset)
         try:
-            loader = super().get_train_dataloader()
+            loader = super().get_train_dataloader()  # takes the sampler from _get_train_sampler
         finally:
             self.train_dataset = dataset
         self._loader_with_empty_row = loader.dataset
         return loader
 
+    def _get_train_sampler(self, train_dataset=None):
+        return self.train_sampler if self.train_sampler is not None else super()._get_train_sampler(train_dataset)
+
     def num_examples(self, dataloader) -> int:
-        if getattr(dataloader, "dataset", None) is self._loader_with_empty_row:
-            return self._train_rows  # the empty row is no example
+        if self.train_sampler is not None and getattr(dataloader, "dataset", None) is self._loader_with_empty_row:
+            return self.train_sampler.num_rows  # the empty row is no example
         return super().num_examples(dataloader)
 
-    def _uses_global_batch_sampler(self, dataset) -> bool:
-        return (self.args.train_sampling_strategy == "random" and isinstance(dataset, datasets.Dataset)
-                and len(dataset) > 0)
-
-    def _get_train_sampler(self, train_dataset=None):
-        dataset = train_dataset if train_dataset is not None else self.train_dataset
-        if not self._uses_global_batch_sampler(dataset) or self._train_rows is None:
-            return super()._get_train_sampler(train_dataset)
+    def _global_batch_sampler(self, rows: int) -> GlobalBatchSampler:
         args = self.args
         global_batch = args.per_device_train_batch_size * args.world_size * args.gradient_accumulation_steps
         seed = args.data_seed if args.data_seed is not None else args.seed
-        rows = self._train_rows
-        assert len(dataset) == rows + 1, "the sampler's data set lacks the empty row"
         sampler = GlobalBatchSampler(rows, global_batch, seed, drop_last=args.dataloader_drop_last)
-        if self._sampler_epoch is not None:
-            self.remove_callback(self._sampler_epoch)
-        self._sampler_epoch = _SamplerEpoch(sampler)
-        self.add_callback(self._sampler_epoch)
         if rows % global_batch:
             logger.info("each epoch: %d rows in %d steps of %d; the last step %s", rows, len(sampler) // global_batch,
                         global_batch, f"has {rows % global_batch} rows (+ {sampler.empty_rows} empty ones)"
