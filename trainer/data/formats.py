@@ -7,9 +7,10 @@ line of the offending record, turns a confusing failure deep inside tokenisation
 
 from __future__ import annotations
 
+import codecs
 import json
 import re
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -18,10 +19,12 @@ Conversation = list[Message]
 
 FORMATS = ("alpaca", "messages", "sharegpt", "alternating")
 ON_BAD_RECORD = ("error", "skip")
-EXTENSIONS = (".json", ".jsonl")
+EXTENSIONS = (".json", ".jsonl", ".parquet")
 
 _SHAREGPT_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "system": "system"}
 _ROLES = ("system", "user", "assistant")
+# Names under which chat data carries an assistant turn's reasoning (kept as ``reasoning_content``).
+REASONING_KEYS = ("reasoning_content", "reasoning", "thinking")
 _WS = re.compile(r"[ \t\n\r]*")
 
 
@@ -69,70 +72,95 @@ def detect_format(record: dict) -> str | None:
     return None
 
 
-def read_conversations(path: str | Path, on_bad_record: str = "error", prompts: bool = False) -> ConversationFile:
-    """Read a .json (array of records) or .jsonl (one record per line) file into validated conversations.
+class ConversationReader:
+    """Stream the validated conversations of one record source, keeping count of what was skipped.
 
+    Iterating yields ``(line, conversation)``; ``format``, ``count`` (records seen) and ``skipped`` fill in as it
+    goes. The format is detected from the first usable record and every record must match it.
+    ``on_bad_record="skip"`` collects bad records in ``skipped`` instead of raising; damage to the source as a whole
+    (a broken .json array, non-UTF-8 bytes, no records, no usable record) always raises.
     ``prompts=True`` reads prompt files (e.g. a test set): the final answer may be missing (an alpaca record
     without ``output``, a conversation ending on the user); everything else is checked as for training data.
-
-    The format is detected from the first record and every record must match it. ``on_bad_record="skip"`` collects
-    bad records in ``skipped`` instead of raising; damage to the file as a whole (a broken .json array, non-UTF-8
-    bytes, no records) always raises.
     """
-    if on_bad_record not in ON_BAD_RECORD:
-        raise ValueError(f"on_bad_record must be one of {ON_BAD_RECORD}, got {on_bad_record!r}")
-    where = str(Path(path))
-    result = ConversationFile(path=where, format="")
-    records = iter_records(path)
-    skip = on_bad_record == "skip"
-    convert: Callable[[dict, bool], Conversation] | None = None
-    count = 0
-    for index, (line, record) in enumerate(records):
-        count += 1
-        if isinstance(record, _RecordError):  # malformed JSON on one .jsonl line
-            if not skip:
-                raise DataError(f"{where}:{line}: {record} (record {index})")
-            result.skipped.append(SkippedRecord(where, line, index, str(record)))
-            continue
-        try:
-            if convert is None:
-                fmt = detect_format(record)
-                if fmt is None:
-                    raise _RecordError(_no_format_reason(record))
-                result.format, convert = fmt, _CONVERTERS[fmt]
-            conversation = convert(record, prompts)
-            _validate(conversation, prompts)
-        except _RecordError as err:
-            fmt_note = f", format {result.format}" if result.format else ""
-            if not skip:
-                raise DataError(f"{where}:{line}: {err} (record {index}{fmt_note})") from None
-            result.skipped.append(SkippedRecord(where, line, index, str(err)))
-            continue
+
+    def __init__(self, where: str, records: Iterable[tuple[int, object]], on_bad_record: str = "error",
+                 prompts: bool = False) -> None:
+        if on_bad_record not in ON_BAD_RECORD:
+            raise ValueError(f"on_bad_record must be one of {ON_BAD_RECORD}, got {on_bad_record!r}")
+        self.where = where
+        self.format = ""
+        self.count = 0
+        self.skipped: list[SkippedRecord] = []
+        self._records = records
+        self._skip = on_bad_record == "skip"
+        self._prompts = prompts
+
+    def __iter__(self) -> Iterator[tuple[int, Conversation]]:
+        convert: Callable[[dict, bool], Conversation] | None = None
+        used = 0
+        for index, (line, record) in enumerate(self._records):
+            self.count += 1
+            try:
+                if isinstance(record, _RecordError):  # malformed JSON on one .jsonl line
+                    raise record
+                if convert is None:
+                    fmt = detect_format(record)
+                    if fmt is None:
+                        raise _RecordError(_no_format_reason(record))
+                    self.format, convert = fmt, _CONVERTERS[fmt]
+                conversation = convert(record, self._prompts)
+                _validate(conversation, self._prompts)
+            except _RecordError as err:
+                fmt_note = f", format {self.format}" if self.format and not isinstance(record, _RecordError) else ""
+                self.reject(line, index, str(err), fmt_note)
+                continue
+            used += 1
+            yield line, conversation
+        if self.count == 0:
+            raise DataError(f"{self.where}:1: no records in file")
+        if not used:
+            first = self.skipped[0]
+            raise DataError(f"{self.where}:{first.line}: no usable records: all {self.count} were skipped; "
+                            f"first problem: {first.reason}")
+
+    def reject(self, line: int, index: int, reason: str, note: str = "") -> None:
+        """A bad record: an error naming file and line, or (``--on_bad_record skip``) an entry in ``skipped``."""
+        if not self._skip:
+            raise DataError(f"{self.where}:{line}: {reason} (record {index}{note})")
+        self.skipped.append(SkippedRecord(self.where, line, index, reason))
+
+
+def read_conversations(path: str | Path, on_bad_record: str = "error", prompts: bool = False) -> ConversationFile:
+    """Read a whole .json / .jsonl / .parquet file into validated conversations (see :class:`ConversationReader`).
+
+    For small files (prompts, tests); training data is streamed through :class:`ConversationReader` instead.
+    """
+    reader = ConversationReader(str(Path(path)), iter_records(path), on_bad_record, prompts)
+    result = ConversationFile(path=reader.where, format="")
+    for line, conversation in reader:
         result.conversations.append(conversation)
         result.lines.append(line)
-
-    if count == 0:
-        raise DataError(f"{where}:1: no records in file")
-    if not result.conversations:
-        first = result.skipped[0]
-        raise DataError(
-            f"{where}:{first.line}: no usable records: all {count} were skipped; first problem: {first.reason}"
-        )
+    result.format, result.skipped = reader.format, reader.skipped
     return result
 
 
 def iter_records(path: str | Path) -> Iterator[tuple[int, object]]:
-    """``(line, record)`` for each record of a .json array or .jsonl file, in order; a .jsonl line that is not JSON
-    comes as a ``_RecordError`` (so a reader may skip it). The extension, the encoding and an empty file are
-    checked at once, not when iteration starts."""
+    """``(line, record)`` for each record of a .json array, .jsonl or .parquet file, in order, read as a stream.
+
+    Memory stays bounded by the largest record, whatever the file size. A .jsonl line that is not JSON comes as a
+    ``_RecordError`` (so a reader may skip it); for parquet, "line" is the row number. The extension and an empty
+    file are checked at once, not when iteration starts; bad UTF-8 is named by line when it is reached.
+    """
     path = Path(path)
     suffix = path.suffix.lower()
     if suffix not in EXTENSIONS:
         raise DataError(f"{path}:1: unsupported extension {path.suffix!r}; expected one of {', '.join(EXTENSIONS)}")
-    text = _read_text(path)
-    if not text.strip():
+    if suffix == ".parquet":
+        return _parquet_records(path)
+    stream = _TextStream(path)
+    if not stream.skip_whitespace():
         raise DataError(f"{path}:1: empty file, no records")
-    return _jsonl_records(text) if suffix == ".jsonl" else _json_array_records(text, str(path))
+    return _jsonl_records(stream) if suffix == ".jsonl" else _json_array_records(stream)
 
 
 def with_system(conversation: Conversation, system: str | None) -> Conversation:
@@ -142,73 +170,169 @@ def with_system(conversation: Conversation, system: str | None) -> Conversation:
     return conversation
 
 
-def _read_text(path: Path) -> str:
-    try:
-        raw = path.read_bytes()
-    except FileNotFoundError:
-        raise DataError(f"{path}:1: file not found") from None
-    try:
-        return raw.decode("utf-8-sig")
-    except UnicodeDecodeError as err:
-        line = raw.count(b"\n", 0, err.start) + 1
-        raise DataError(
-            f"{path}:{line}: not valid UTF-8 (byte 0x{raw[err.start]:02x} at offset {err.start}); "
-            "re-encode the file as UTF-8"
-        ) from None
+class _TextStream:
+    """A UTF-8 text file read in chunks, with a window that keeps only the text not yet consumed.
+
+    ``text[pos:]`` is what is left of the window; :meth:`more` appends the next chunk (and drops the consumed
+    part), :meth:`line_at` names the line of a position. Bad bytes are reported with their line.
+    """
+
+    CHUNK = 1 << 20
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        try:
+            self._file = open(path, "rb")  # noqa: SIM115 - closed at EOF by more()
+        except FileNotFoundError:
+            raise DataError(f"{path}:1: file not found") from None
+        self._decoder = codecs.getincrementaldecoder("utf-8")()
+        self._bytes_read = 0
+        self._newlines_read = 0  # in the bytes decoded so far
+        self.text = ""
+        self.pos = 0
+        self.eof = False
+        self._line_base = 1  # line of text[0]
+        self._counted = (0, 1)  # (position, its line): where line_at last counted to
+        self._first = True
+
+    def more(self) -> bool:
+        """Read the next chunk into the window; False at the end of the file."""
+        if self.eof:
+            return False
+        chunk = self._file.read(self.CHUNK)
+        final = not chunk
+        if self._first:
+            while len(chunk) < len(codecs.BOM_UTF8) and not final and (more := self._file.read(self.CHUNK)):
+                chunk += more
+            if chunk.startswith(codecs.BOM_UTF8):
+                chunk = chunk[len(codecs.BOM_UTF8):]
+            self._first = False
+        try:
+            decoded = self._decoder.decode(chunk, final=final)
+        except UnicodeDecodeError as err:
+            offset = self._bytes_read + err.start
+            line = self._newlines_read + chunk.count(b"\n", 0, err.start) + 1
+            byte = chunk[err.start] if err.start < len(chunk) else 0
+            raise DataError(f"{self.path}:{line}: not valid UTF-8 (byte 0x{byte:02x} at offset {offset}); "
+                            "re-encode the file as UTF-8") from None
+        self._bytes_read += len(chunk)
+        self._newlines_read += chunk.count(b"\n")
+        self._line_base = self.line_at(self.pos)
+        self._counted = (0, self._line_base)
+        self.text = self.text[self.pos:] + decoded
+        self.pos = 0
+        if final:
+            self.eof = True
+            self._file.close()
+        return True
+
+    def line_at(self, pos: int) -> int:
+        """The line of ``text[pos]``; positions are asked in increasing order, so counting is incremental."""
+        counted, line = self._counted
+        if pos < counted:
+            counted, line = 0, self._line_base
+        line += self.text.count("\n", counted, pos)
+        self._counted = (pos, line)
+        return line
+
+    def skip_whitespace(self) -> bool:
+        """Move past whitespace; False when only whitespace is left in the file."""
+        while True:
+            self.pos = _WS.match(self.text, self.pos).end()
+            if self.pos < len(self.text):
+                return True
+            if not self.more():
+                return False
+
+    def readline(self) -> str | None:
+        """The rest of the current line (without its newline), or None at the end of the file."""
+        while True:
+            end = self.text.find("\n", self.pos)
+            if end >= 0 or self.eof:
+                if self.pos >= len(self.text) and self.eof:
+                    return None
+                end = len(self.text) if end < 0 else end
+                line, self.pos = self.text[self.pos:end], end + 1
+                return line
+            self.more()
 
 
-def _jsonl_records(text: str) -> Iterator[tuple[int, object]]:
+def _jsonl_records(stream: _TextStream) -> Iterator[tuple[int, object]]:
     """Yield (line, record) per non-blank line; a line that is not JSON yields a _RecordError so it can be skipped."""
     decode = json.JSONDecoder().decode
     # split on "\n" only: str.splitlines would also break on U+2028 etc., which JSON allows raw inside strings
-    for number, raw_line in enumerate(text.split("\n"), start=1):
-        if not raw_line.strip():
-            continue
-        try:
-            yield number, decode(raw_line)
-        except json.JSONDecodeError as err:
-            yield number, _RecordError(f"malformed JSON at column {err.colno}: {err.msg}")
+    stream.pos = 0
+    number = stream.line_at(0)
+    while (raw_line := stream.readline()) is not None:
+        if raw_line.strip():
+            try:
+                yield number, decode(raw_line)
+            except json.JSONDecodeError as err:
+                yield number, _RecordError(f"malformed JSON at column {err.colno}: {err.msg}")
+        number += 1
 
 
-def _json_array_records(text: str, where: str) -> Iterator[tuple[int, object]]:
-    """Yield (line, record) for each element of a top-level JSON array, decoding element by element so that each
-    record's starting line is known without a second parse."""
+def _json_array_records(stream: _TextStream) -> Iterator[tuple[int, object]]:
+    """Yield (line, record) for each element of a top-level JSON array, decoding element by element from a window
+    over the file, so each record's starting line is known and memory is bounded by the largest record."""
     decoder = json.JSONDecoder()
-    line, counted = 1, 0
-
-    def line_at(pos: int) -> int:
-        nonlocal line, counted
-        line += text.count("\n", counted, pos)
-        counted = pos
-        return line
+    where = str(stream.path)
 
     def fail(pos: int, problem: str) -> DataError:
-        return DataError(f"{where}:{line_at(pos)}: malformed JSON: {problem}")
+        return DataError(f"{where}:{stream.line_at(pos)}: malformed JSON: {problem}")
 
-    pos = _WS.match(text, 0).end()
-    if text[pos] != "[":
-        raise fail(pos, "expected a top-level array of records '[...]' (use .jsonl for one record per line)")
-    pos = _WS.match(text, pos + 1).end()
-    if text.startswith("]", pos):
-        pos = _WS.match(text, pos + 1).end()
+    if stream.text[stream.pos] != "[":
+        raise fail(stream.pos, "expected a top-level array of records '[...]' (use .jsonl for one record per line)")
+    stream.pos += 1
+    if not stream.skip_whitespace():
+        raise fail(len(stream.text), "unterminated array")
+    if stream.text.startswith("]", stream.pos):
+        stream.pos += 1
     else:
         while True:
-            try:
-                record, end = decoder.raw_decode(text, pos)
-            except json.JSONDecodeError as err:
-                # the decoder's own position points at the real defect, which may be lines after the record start
-                raise fail(err.pos, f"{err.msg} (column {err.colno})") from None
-            yield line_at(pos), record
-            pos = _WS.match(text, end).end()
-            if text.startswith(",", pos):
-                pos = _WS.match(text, pos + 1).end()
-                continue
-            if text.startswith("]", pos):
-                pos = _WS.match(text, pos + 1).end()
+            while True:
+                try:
+                    record, end = decoder.raw_decode(stream.text, stream.pos)
+                except json.JSONDecodeError as err:
+                    if stream.more():
+                        continue  # the record may run on into the next chunk
+                    # the decoder's own position points at the real defect, which may be lines after the record start
+                    raise fail(err.pos, f"{err.msg} (column {err.colno})") from None
+                if end == len(stream.text) and stream.more():
+                    continue  # a number or literal cut by the chunk boundary: decode it again, whole
                 break
-            raise fail(pos, "expected ',' or ']' after a record" if pos < len(text) else "unterminated array")
-    if pos != len(text):
-        raise fail(pos, "extra data after the top-level array")
+            yield stream.line_at(stream.pos), record
+            stream.pos = end
+            if not stream.skip_whitespace():
+                raise fail(len(stream.text), "unterminated array")
+            if stream.text.startswith(",", stream.pos):
+                stream.pos += 1
+                if not stream.skip_whitespace():
+                    raise fail(len(stream.text), "unterminated array")
+                continue
+            if stream.text.startswith("]", stream.pos):
+                stream.pos += 1
+                break
+            raise fail(stream.pos, "expected ',' or ']' after a record")
+    if stream.skip_whitespace():
+        raise fail(stream.pos, "extra data after the top-level array")
+
+
+def _parquet_records(path: Path) -> Iterator[tuple[int, object]]:
+    """Rows of a parquet file as records, in batches (bounded memory); the row number stands for the line."""
+    import pyarrow.parquet as pq
+
+    try:
+        parquet = pq.ParquetFile(path)
+    except FileNotFoundError:
+        raise DataError(f"{path}:1: file not found") from None
+    except Exception as err:  # pyarrow raises ArrowInvalid & co. for a damaged file
+        raise DataError(f"{path}:1: not a readable parquet file: {err}") from None
+    row = 0
+    for batch in parquet.iter_batches(batch_size=1024):
+        for record in batch.to_pylist():
+            row += 1
+            yield row, record
 
 
 def _no_format_reason(record: object) -> str:
@@ -284,7 +408,16 @@ def _from_messages(record: dict, prompts: bool = False) -> Conversation:
         role = _require(message, "role", "messages")
         if role not in _ROLES:
             raise _RecordError(f"messages[{i}] has unsupported role {role!r}; expected one of {', '.join(_ROLES)}")
-        conversation.append({"role": role, "content": _text(message.get("content"), f"messages[{i}].content")})
+        converted = {"role": role, "content": _text(message.get("content"), f"messages[{i}].content")}
+        # Reasoning travels beside the answer under one of its usual names; templates that keep it (Qwen3,
+        # gpt-oss) read it, the others ignore it. Only assistant turns reason.
+        reasoning = [key for key in REASONING_KEYS if message.get(key) is not None]
+        if reasoning:
+            if role != "assistant":
+                raise _RecordError(f"messages[{i}] is a {role} message with {reasoning[0]!r}; only assistant "
+                                   "turns carry reasoning")
+            converted["reasoning_content"] = _text(message[reasoning[0]], f"messages[{i}].{reasoning[0]}")
+        conversation.append(converted)
     return conversation
 
 
