@@ -128,7 +128,7 @@ def test_only_assistant_turns_and_end_of_turn_are_labelled(request, tmp_path, fm
     tokenizer = request.getfixturevalue(tokenizer_name)
     template = QWEN_LIKE if template_name == "qwen_like" else BUILTIN_TEMPLATES[template_name]
     for conversation in _conversations(tmp_path, fmt):
-        result = tokenize_conversation(tokenizer, template, conversation)
+        (result,) = tokenize_conversation(tokenizer, template, conversation)  # prefix-consistent: one example
         answers = [m["content"] for m in conversation if m["role"] == "assistant"]
         runs = _labelled_runs(tokenizer, result.input_ids, result.labels)
         expected = [EXPECTED_ANSWER[template_name](a, tokenizer) for a in answers]
@@ -144,15 +144,15 @@ def test_only_assistant_turns_and_end_of_turn_are_labelled(request, tmp_path, fm
 def test_user_and_system_text_is_never_labelled(byte_level):
     conversation = [{"role": "system", "content": "SYSTEM"}, {"role": "user", "content": "USERTEXT"},
                     {"role": "assistant", "content": "ANSWER"}]
-    result = tokenize_conversation(byte_level, BUILTIN_TEMPLATES["chatml"], conversation)
+    (result,) = tokenize_conversation(byte_level, BUILTIN_TEMPLATES["chatml"], conversation)
     unlabelled = byte_level.decode([t for t, lab in zip(result.input_ids, result.labels) if lab == IGNORE_INDEX])
     assert "SYSTEM" in unlabelled and "USERTEXT" in unlabelled and "ANSWER" not in unlabelled
 
 
 def test_truncation_is_reported_and_keeps_the_prefix(byte_level):
     conversation = [{"role": "user", "content": "q"}, {"role": "assistant", "content": "long answer " * 50}]
-    full = tokenize_conversation(byte_level, BUILTIN_TEMPLATES["chatml"], conversation)
-    cut = tokenize_conversation(byte_level, BUILTIN_TEMPLATES["chatml"], conversation, max_length=20)
+    (full,) = tokenize_conversation(byte_level, BUILTIN_TEMPLATES["chatml"], conversation)
+    (cut,) = tokenize_conversation(byte_level, BUILTIN_TEMPLATES["chatml"], conversation, max_length=20)
     assert cut.truncated and len(cut.input_ids) == 20
     assert cut.input_ids == full.input_ids[:20] and cut.labels == full.labels[:20]
 
@@ -171,14 +171,18 @@ def test_auto_template_needs_one_on_the_tokenizer(sentencepiece_like, byte_level
         resolve_template("vicuna", byte_level)
 
 
-def test_template_that_rewrites_history_is_refused(byte_level):
-    # Renders earlier assistant turns differently once a later turn exists (as some "thinking" templates do).
+def test_template_that_rewrites_history_trains_each_turn_in_its_own_context(byte_level):
+    # Renders earlier assistant turns differently once a later turn exists (as some "thinking" templates do): each
+    # turn becomes its own example, its history as the template renders it at that turn, only the reply trained.
     rewriting = (
-        "{%- for m in messages -%}{%- if m['role'] == 'assistant' and not loop.last -%}{{- '[old]' -}}"
-        "{%- else -%}{{- m['role'] + ':' + m['content'] + '\\n' -}}{%- endif -%}{%- endfor -%}"
+        "{%- for m in messages -%}{%- if m['role'] == 'assistant' and not loop.last -%}{{- '[old]<|im_end|>' -}}"
+        "{%- else -%}{{- m['role'] + ':' + m['content'] + '<|im_end|>' -}}{%- endif -%}{%- endfor -%}"
         "{%- if add_generation_prompt -%}{{- 'assistant:' -}}{%- endif -%}"
     )
     conversation = [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"},
                     {"role": "user", "content": "c"}, {"role": "assistant", "content": "d"}]
-    with pytest.raises(TemplateError, match="built-in template"):
-        tokenize_conversation(byte_level, rewriting, conversation)
+    first, second = tokenize_conversation(byte_level, rewriting, conversation)
+    assert byte_level.decode(first.input_ids) == "user:a<|im_end|>assistant:b<|im_end|>"
+    assert byte_level.decode(second.input_ids) == "user:a<|im_end|>[old]<|im_end|>user:c<|im_end|>assistant:d<|im_end|>"
+    assert _labelled_runs(byte_level, first.input_ids, first.labels) == ["b<|im_end|>"]
+    assert _labelled_runs(byte_level, second.input_ids, second.labels) == ["d<|im_end|>"]
