@@ -98,7 +98,8 @@ class SFTTrainer(Trainer):
             if self._since is None:
                 self._since = time.perf_counter()
             # Accumulated as device tensors: reading them back every micro-batch would stall the GPU.
-            real = inputs["attention_mask"].sum() if "attention_mask" in inputs else inputs["input_ids"].numel()
+            mask = inputs.get("attention_mask")
+            real = mask.sum() if mask is not None and mask.dim() == 2 else inputs["input_ids"].numel()
             labelled = (inputs["labels"] != IGNORE_INDEX).sum()
             step = torch.stack([torch.as_tensor(real, device=labelled.device), labelled]).to(torch.float64)
             self._counts = step if self._counts is None else self._counts + step

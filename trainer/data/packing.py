@@ -35,11 +35,13 @@ import bisect
 import heapq
 import inspect
 import random
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import datasets
+import numpy as np
+import pyarrow as pa
 import pyarrow.compute as pc
 import torch
 from torch.utils.hooks import RemovableHandle
@@ -53,12 +55,15 @@ __all__ = [
     "PaddedCollator",
     "PaddingFreeCollator",
     "PackingStats",
+    "block_causal_mask",
     "install_isolation_guard",
     "pack_best_fit_decreasing",
     "pack_bins",
     "pack_dataset",
     "pack_examples",
+    "packed_row_batches",
     "packing_stats",
+    "row_order",
 ]
 
 
@@ -236,13 +241,23 @@ def _pack_subset_sum(lengths: Sequence[int], max_length: int, anchored: bool) ->
     return bins
 
 
+def row_order(lengths: Sequence[int], max_length: int, seed: int = 0) -> list[list[int]]:
+    """The packed rows as lists of example indices, in training order.
+
+    Rows are shuffled with ``seed``: bin packing sorts by length, and without the shuffle the first steps would see
+    only rows of the longest examples. The same lengths and seed always give the same rows.
+    """
+    bins = pack_bins(lengths, max_length)
+    random.Random(seed).shuffle(bins)
+    return bins
+
+
 def pack_examples(examples: Sequence[Mapping[str, Sequence[int]]], max_length: int, seed: int = 0) -> list[dict]:
     """Pack tokenised examples (``input_ids`` + aligned ``labels``) into rows of at most ``max_length`` tokens.
 
     Each row is ``{"input_ids", "labels", "position_ids"}`` (lists): whole examples concatenated, position ids
-    restarting at 0 per example, and the first label of every example forced to -100 (see the module docstring). Rows
-    are shuffled with ``seed``: bin packing sorts by length, and without the shuffle the first steps would see only
-    rows of the longest examples. The same examples and seed always give the same rows.
+    restarting at 0 per example, and the first label of every example forced to -100 (see the module docstring), in
+    the order of :func:`row_order`. The list version of :func:`packed_row_batches`, for small data and tests.
     """
     lengths = []
     for i, ex in enumerate(examples):
@@ -253,7 +268,7 @@ def pack_examples(examples: Sequence[Mapping[str, Sequence[int]]], max_length: i
         lengths.append(len(ex["input_ids"]))
 
     rows = []
-    for bin_ in pack_bins(lengths, max_length):
+    for bin_ in row_order(lengths, max_length, seed):
         input_ids: list[int] = []
         labels: list[int] = []
         position_ids: list[int] = []
@@ -264,25 +279,62 @@ def pack_examples(examples: Sequence[Mapping[str, Sequence[int]]], max_length: i
             labels.extend(lab[1:])
             position_ids.extend(range(len(ids)))
         rows.append({"input_ids": input_ids, "labels": labels, "position_ids": position_ids})
-    random.Random(seed).shuffle(rows)
     return rows
 
 
-def pack_dataset(ds: datasets.Dataset, max_length: int, seed: int) -> datasets.Dataset:
-    """Pack a tokenised ``Dataset`` (columns ``input_ids`` and ``labels``) into a new one of packed rows.
+ROW_SCHEMA = pa.schema([("input_ids", pa.list_(pa.int32())), ("labels", pa.list_(pa.int32())),
+                        ("position_ids", pa.list_(pa.int32()))])
 
-    Other columns are dropped: they describe single examples and have no meaning for a row of several. The columns
-    are read through the Arrow format (it honours ``select``/``shuffle`` index mappings) because the default Python
-    formatting is several times slower on thousands of rows.
+
+def packed_row_batches(examples: pa.Table, rows: Sequence[Sequence[int]], rows_per_batch: int = 2048
+                       ) -> Iterator[pa.RecordBatch]:
+    """Build packed rows by gathering their examples from an Arrow table (``input_ids``, ``labels`` columns).
+
+    ``rows`` lists example indices (rows of the table) per packed row, e.g. from :func:`row_order`. Rows are made
+    ``rows_per_batch`` at a time with Arrow ``take`` and numpy, never as Python ints, so a memory-mapped table of
+    any size packs in bounded memory. Same rows as :func:`pack_examples` for the same examples and order.
+    """
+    for first in range(0, len(rows), rows_per_batch):
+        chunk = rows[first : first + rows_per_batch]
+        counts = np.fromiter((len(r) for r in chunk), dtype=np.int64, count=len(chunk))
+        index = np.fromiter((i for r in chunk for i in r), dtype=np.int64, count=int(counts.sum()))
+        taken = examples.select(["input_ids", "labels"]).take(pa.array(index))
+        ids = pc.list_flatten(taken.column("input_ids")).to_numpy().astype(np.int32, copy=False)
+        labels = pc.list_flatten(taken.column("labels")).to_numpy().astype(np.int32, copy=True)
+        lengths = pc.list_value_length(taken.column("input_ids")).to_numpy().astype(np.int64)
+        starts = np.concatenate([[0], np.cumsum(lengths)[:-1]]).astype(np.int64)
+        labels[starts] = IGNORE_INDEX
+        positions = (np.arange(len(ids), dtype=np.int64) - np.repeat(starts, lengths)).astype(np.int32)
+        example_ends = np.cumsum(lengths)
+        row_offsets = np.concatenate([[0], example_ends[np.cumsum(counts) - 1]]).astype(np.int32)
+        offsets = pa.array(row_offsets, type=pa.int32())
+        yield pa.RecordBatch.from_arrays(
+            [pa.ListArray.from_arrays(offsets, pa.array(column)) for column in (ids, labels, positions)],
+            schema=ROW_SCHEMA,
+        )
+
+
+def pack_dataset(ds: datasets.Dataset, max_length: int, seed: int) -> datasets.Dataset:
+    """Pack a tokenised ``Dataset`` (columns ``input_ids`` and ``labels``) into a new, in-memory one of packed rows.
+
+    Other columns are dropped: they describe single examples and have no meaning for a row of several. Bins are
+    chosen from the example lengths alone, computed in Arrow (which honours ``select``/``shuffle`` index mappings).
     """
     table = ds.select_columns(["input_ids", "labels"]).with_format("arrow")[:]
-    input_ids = table.column("input_ids").to_pylist()
-    labels = table.column("labels").to_pylist()
-    examples = [{"input_ids": i, "labels": lab} for i, lab in zip(input_ids, labels, strict=True)]
-    rows = pack_examples(examples, max_length, seed=seed)
-    return datasets.Dataset.from_dict(
-        {key: [row[key] for row in rows] for key in ("input_ids", "labels", "position_ids")}
-    )
+    _check_aligned(table)
+    lengths = pc.list_value_length(table.column("input_ids")).to_numpy().tolist()
+    batches = list(packed_row_batches(table, row_order(lengths, max_length, seed)))
+    return datasets.Dataset(pa.Table.from_batches(batches, schema=ROW_SCHEMA))
+
+
+def _check_aligned(table: pa.Table) -> None:
+    ids = pc.list_value_length(table.column("input_ids"))
+    labels = pc.list_value_length(table.column("labels"))
+    bad = pc.indices_nonzero(pc.not_equal(ids, labels))
+    if len(bad):
+        i = bad[0].as_py()
+        raise ValueError(f"example {i}: {ids[i].as_py()} input_ids but {labels[i].as_py()} labels (they must be "
+                         "aligned)")
 
 
 @dataclass(frozen=True)
@@ -358,10 +410,13 @@ class PackedCollator:
     ``pad_to_multiple_of`` asks for some.
     """
 
-    def __init__(self, pad_token_id: int, flatten: bool = False, pad_to_multiple_of: int | None = None) -> None:
+    def __init__(self, pad_token_id: int, flatten: bool = False, pad_to_multiple_of: int | None = None,
+                 mechanism: str = "position_ids", mask_dtype: torch.dtype | None = None) -> None:
         self.pad_token_id = pad_token_id
         self.flatten = flatten
         self.pad_to_multiple_of = pad_to_multiple_of
+        self.mechanism = mechanism  # "position_ids", or "mask4d": also a 4-D block mask (see block_causal_mask)
+        self.mask_dtype = mask_dtype
 
     def _pad(self, ids: list[int], labels: list[int], positions: list[int], length: int) -> tuple[list, list, list]:
         n = length - len(ids)
@@ -373,10 +428,11 @@ class PackedCollator:
             rows = [tuple(sum((list(r[k]) for r in rows), []) for k in range(3))]
         length = _round_up(max(len(r[0]) for r in rows), self.pad_to_multiple_of)
         padded = [self._pad(*r, length) for r in rows]
-        return {
+        batch = {
             key: torch.tensor([p[k] for p in padded], dtype=torch.long)
             for k, key in enumerate(("input_ids", "labels", "position_ids"))
         }
+        return with_mask(batch, self.mechanism, self.mask_dtype)
 
 
 class PaddingFreeCollator:
@@ -388,12 +444,39 @@ class PaddingFreeCollator:
     sdpa, eager, flex and flash attention.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, mechanism: str = "position_ids", mask_dtype: torch.dtype | None = None) -> None:
         self._flatten = DataCollatorWithFlattening(return_tensors="pt", separator_id=IGNORE_INDEX)
+        self.mechanism = mechanism  # as for PackedCollator
+        self.mask_dtype = mask_dtype
 
     def __call__(self, features: Sequence[Mapping[str, Any]]) -> dict[str, torch.Tensor]:
         features = [{"input_ids": f["input_ids"], "labels": f["labels"]} for f in features]
-        return dict(self._flatten(features))
+        return with_mask(dict(self._flatten(features)), self.mechanism, self.mask_dtype)
+
+
+def block_causal_mask(position_ids: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """The 4-D mask ``(batch, 1, length, length)`` of packed rows: a query sees the keys of its own example
+    (a new one starts wherever the position ids restart at 0) up to itself.
+
+    ``dtype`` None gives a boolean mask (True = attend), which sdpa takes; otherwise an additive float mask (0 or
+    the dtype's minimum), which eager attention adds to its scores. transformers passes a 4-D mask through as it is.
+    """
+    segment = torch.cumsum(position_ids == 0, dim=-1)
+    length = position_ids.shape[-1]
+    causal = torch.ones(length, length, dtype=torch.bool, device=position_ids.device).tril()
+    allowed = (segment[:, :, None] == segment[:, None, :]) & causal
+    if dtype is None:
+        return allowed[:, None]
+    mask = torch.zeros(allowed.shape, dtype=dtype, device=position_ids.device)
+    return mask.masked_fill_(~allowed, torch.finfo(dtype).min)[:, None]
+
+
+def with_mask(batch: dict[str, torch.Tensor], mechanism: str, mask_dtype: torch.dtype | None) -> dict:
+    if mechanism == "mask4d":
+        batch["attention_mask"] = block_causal_mask(batch["position_ids"], mask_dtype)
+    elif mechanism != "position_ids":
+        raise ValueError(f"unknown packing mechanism {mechanism!r}")
+    return batch
 
 
 class PaddedCollator:
