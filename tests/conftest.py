@@ -17,6 +17,9 @@ import pytest
 REPO = Path(__file__).resolve().parents[1]
 SHARED_DATA = REPO.parent / "shared" / "data"
 TEST_CACHE = REPO / ".cache" / "tests"
+# The embedded demo recipe. It applies only when a command names neither model nor data, so tests that build on it
+# (tiny model, packing, its schedule) name it.
+DEMO_RECIPE = str(REPO / "recipes" / "tiny_tang.yaml")
 
 os.environ.setdefault("SFT_CACHE_DIR", str(TEST_CACHE))
 os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(REPO / ".cache" / "torch_extensions"))

@@ -32,6 +32,49 @@ def test_flags_override_the_recipe_and_no_recipe_means_the_default():
     assert cfg.recipe == DEFAULT_RECIPE
     assert cfg.training.learning_rate == 0.5 and cfg.data.max_length == 64 and cfg.data.packing is False
     assert cfg.model.model_name_or_path == "builtin:tiny-llama"
+    assert cfg.sources["learning_rate"] == "command line" and cfg.sources["num_train_epochs"].startswith("recipe")
+
+
+@pytest.mark.parametrize("flag", [["--dataset", "mine.jsonl"], ["--model_name_or_path", "some/model"]])
+def test_the_demo_recipe_applies_only_when_nothing_says_what_to_train(flag):
+    cfg = parse_config(flag)
+    assert cfg.recipe is None
+    # project defaults, not the demo's learning rate, packing, output folder or global batch
+    assert cfg.training.learning_rate == 5e-5 and cfg.data.packing is False
+    assert cfg.training.output_dir == "outputs/run" and cfg.finetune.global_batch_size is None
+
+
+def test_abbreviated_flags_are_refused():
+    with pytest.raises(ConfigError, match="unrecognised argument"):
+        parse_config(["--learn", "0.1"])
+
+
+def _accumulation(argv: list[str]) -> int:
+    from trainer.sft import apply_global_batch
+
+    cfg = parse_config(argv)
+    apply_global_batch(cfg, 1)
+    return cfg.training.gradient_accumulation_steps
+
+
+def test_explicit_accumulation_wins_over_a_recipe_global_batch(tmp_path):
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("global_batch_size: 8\nper_device_train_batch_size: 4\n")
+    assert _accumulation([str(recipe)]) == 2
+    assert _accumulation([str(recipe), "--gradient_accumulation_steps", "1000"]) == 1000
+    assert _accumulation([str(recipe), "--global_batch_size", "16"]) == 4  # a flag over the recipe: computed
+
+
+def test_global_batch_and_accumulation_that_disagree_on_one_level_are_an_error(tmp_path):
+    with pytest.raises(ConfigError, match="--global_batch_size 8 and --gradient_accumulation_steps 3"):
+        _accumulation(["--dataset", "x", "--per_device_train_batch_size", "4", "--global_batch_size", "8",
+                       "--gradient_accumulation_steps", "3"])
+    assert _accumulation(["--dataset", "x", "--per_device_train_batch_size", "4", "--global_batch_size", "8",
+                          "--gradient_accumulation_steps", "2"]) == 2
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("global_batch_size: 8\nper_device_train_batch_size: 4\ngradient_accumulation_steps: 1\n")
+    with pytest.raises(ConfigError, match=f"recipe {recipe}"):
+        _accumulation([str(recipe)])
 
 
 def test_bad_recipe_and_flags_say_what_is_wrong(tmp_path):

@@ -16,7 +16,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from tests.conftest import REPO, run_sft, shared_file
+from tests.conftest import DEMO_RECIPE, REPO, run_sft, shared_file
 from trainer import generate, merge
 from trainer.args import FinetuneArguments
 from trainer.checkpoints import mark_complete
@@ -162,8 +162,8 @@ TRAIN = ("--per_device_train_batch_size", "2", "--global_batch_size", "2", "--ma
 @pytest.fixture(scope="module")
 def lora_run(tiny_model_dir, tang_slice, tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("lora") / "out"
-    run_sft("--model_name_or_path", str(tiny_model_dir), "--dataset", str(tang_slice), "--output_dir", str(out),
-            "--finetuning_type", "lora", "--add_special_tokens", ",".join(NEW_TOKENS),
+    run_sft(DEMO_RECIPE, "--model_name_or_path", str(tiny_model_dir), "--dataset", str(tang_slice),
+            "--output_dir", str(out), "--finetuning_type", "lora", "--add_special_tokens", ",".join(NEW_TOKENS),
             "--gradient_checkpointing", "true", "--learning_rate", "5e-3", "--max_steps", "4", "--save_steps", "2",
             *TRAIN)
     return out
@@ -172,8 +172,9 @@ def lora_run(tiny_model_dir, tang_slice, tmp_path_factory) -> Path:
 @pytest.fixture(scope="module")
 def full_run(tiny_model_dir, tang_slice, tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("full") / "out"
-    run_sft("--model_name_or_path", str(tiny_model_dir), "--dataset", str(tang_slice), "--output_dir", str(out),
-            "--finetuning_type", "full", "--learning_rate", "3e-3", "--max_steps", "2", "--save_steps", "1", *TRAIN)
+    run_sft(DEMO_RECIPE, "--model_name_or_path", str(tiny_model_dir), "--dataset", str(tang_slice),
+            "--output_dir", str(out), "--finetuning_type", "full", "--learning_rate", "3e-3", "--max_steps", "2",
+            "--save_steps", "1", *TRAIN)
     return out
 
 

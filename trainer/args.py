@@ -56,7 +56,18 @@ class ModelArguments:
 class DataArguments:
     dataset: str = field(
         default="tang",
-        metadata={"help": "Registered name(s) (see data/datasets.yaml) or .json/.jsonl paths, comma-separated."},
+        metadata={
+            "help": "Comma-separated sources: registered names (data/datasets.yaml), .json/.jsonl/.parquet files, "
+            "folders of them, datasets.save_to_disk folders or hub names (owner/name). 'a.jsonl:0.7,tang:0.3' "
+            "mixes by weight (see --mix_by)."
+        },
+    )
+    mix_by: str = field(
+        default="examples",
+        metadata={
+            "help": "examples | tokens: what mixing weights are shares of. The mixture is as large as possible "
+            "without repeating an example; what is left out of each source is counted in the data report."
+        },
     )
     eval_dataset: str | None = field(default=None, metadata={"help": "Evaluation data, same syntax as --dataset."})
     data_dir: str | None = field(
@@ -64,7 +75,16 @@ class DataArguments:
     )
     template: str = field(
         default="auto",
-        metadata={"help": "Chat template: auto (the tokenizer's own) | chatml | llama2 ([INST] <<SYS>> format)."},
+        metadata={
+            "help": "Chat template: auto (the tokenizer's own) | chatml | llama2 ([INST] <<SYS>> format). Each "
+            "reply is trained exactly as inference renders it; templates that re-render history (Qwen3, "
+            "DeepSeek-R1, Mistral v0.3 with a system prompt, gpt-oss) get one example per assistant turn."
+        },
+    )
+    enable_thinking: bool | None = field(
+        default=None,
+        metadata={"help": "true | false: passed to chat templates that read it (Qwen3, GLM-4.5, SmolLM3). Unset: "
+                  "the template's own default."},
     )
     system: str | None = field(
         default=None, metadata={"help": "System prompt added to conversations that have none."}
@@ -91,7 +111,25 @@ class DataArguments:
         default=0.0, metadata={"help": "Held-out share (<1) or count (>=1) of the training data for evaluation."}
     )
     max_samples: int | None = field(default=None, metadata={"help": "Use only the first N training records."})
-    preprocessing_num_workers: int | None = field(default=None, metadata={"help": "Processes for tokenisation."})
+    preprocessing_num_workers: int | None = field(
+        default=None,
+        metadata={"help": "Worker processes for tokenisation (default: up to 8 for data over 20 MB, else none)."},
+    )
+    prepared_data_dir: str | None = field(
+        default=None,
+        metadata={
+            "help": "Where prepared data (tokenised, packed, memory-mapped) is kept, one folder per content key "
+            "(default: $SFT_CACHE_DIR/prepared). Put it on a shared filesystem for multi-node jobs; see "
+            "trainer/prepare.py."
+        },
+    )
+    preview: int = field(
+        default=0,
+        metadata={
+            "help": "Show the first N training examples exactly as training sees them (trained text highlighted), "
+            "write OUTPUT_DIR/preview.jsonl, and exit without loading the model or training."
+        },
+    )
     sample_prompts: str | None = field(
         default="auto",
         metadata={
@@ -116,11 +154,20 @@ class FinetuneArguments:
         default=None, metadata={"help": "Comma list of modules trained in full and saved with the adapter."}
     )
     use_dora: bool = field(default=False, metadata={"help": "Weight-decomposed LoRA (DoRA)."})
+    loss_impl: str = field(
+        default="auto",
+        metadata={
+            "help": "auto | hf | chunked. chunked: the LM head and cross-entropy run over chunks of tokens and "
+            "never materialise the full logits (exact to fp32 rounding; much less memory for large vocabularies "
+            "x long rows). auto: chunked where vocabulary x tokens per micro-batch is large and the model allows."
+        },
+    )
     global_batch_size: int | None = field(
         default=None,
         metadata={
             "help": "Examples (rows when packing) per optimizer step over all processes; gradient accumulation is "
-            "computed as N / (per-device batch x world size)."
+            "computed as N / (per-device batch x world size). An explicit --gradient_accumulation_steps on the "
+            "command line wins over a recipe's global_batch_size; both on the same level must agree."
         },
     )
     overwrite_output_dir: bool = field(
@@ -166,6 +213,8 @@ class Config:
     tracking: TrackingArguments
     training: TrainingArguments
     recipe: Path | None
+    # Where each explicitly set option came from: "command line" or "recipe <path>" (defaults are absent).
+    sources: dict[str, str] = field(default_factory=dict)
 
 
 class ConfigError(ValueError):
@@ -192,29 +241,44 @@ def _read_recipe(path: Path, known: set[str]) -> dict:
     return values
 
 
-def build_parser() -> HfArgumentParser:
+def build_parser(prog: str = "trainer/sft.py") -> HfArgumentParser:
     parser = HfArgumentParser(ARGUMENT_CLASSES)
-    parser.prog = "trainer/sft.py"
+    parser.prog = prog
     parser.description = (
         "Supervised fine-tuning. Usage: accelerate launch trainer/sft.py [RECIPE.yaml] [--option value ...]. "
-        f"Options come from project defaults, then the recipe (default: {DEFAULT_RECIPE.relative_to(REPO_ROOT)} "
-        "when none is given), then the command line. All transformers TrainingArguments options are accepted "
-        "under their own names."
+        "Options come from project defaults, then the recipe, then the command line (which always wins). With no "
+        f"recipe and neither --model_name_or_path nor --dataset, the embedded demo "
+        f"({DEFAULT_RECIPE.relative_to(REPO_ROOT)}: a tiny model learns Tang poems on a CPU) runs; otherwise "
+        "project defaults apply. All transformers TrainingArguments options are accepted under their own names."
     )
+    parser.allow_abbrev = False  # --learn is not --learning_rate: a flag means what it says
     parser.set_defaults(**TRAINING_DEFAULTS)
     return parser
 
 
-def parse_config(argv: list[str] | None = None) -> Config:
+def given_options(parser: HfArgumentParser, argv: list[str]) -> set[str]:
+    """The options the command line sets explicitly (by destination name, ``--no_x`` counting as ``x``)."""
+    given = set()
+    for arg in argv:
+        if not arg.startswith("--"):
+            continue
+        action = parser._option_string_actions.get(arg.split("=", 1)[0])
+        if action is not None:
+            given.add(action.dest)
+    return given
+
+
+def parse_config(argv: list[str] | None = None, prog: str = "trainer/sft.py") -> Config:
     argv = list(sys.argv[1:] if argv is None else argv)
+    parser = build_parser(prog)
+    cli = given_options(parser, argv)
     recipe = None
     if argv and not argv[0].startswith("-"):
         recipe = Path(argv.pop(0))
         if not recipe.is_file():
             raise ConfigError(f"{recipe}: recipe file not found")
-    elif not any(a in ("-h", "--help") for a in argv):
-        recipe = DEFAULT_RECIPE
-    parser = build_parser()
+    elif not ({"help", "model_name_or_path", "dataset"} & cli or any(a in ("-h", "--help") for a in argv)):
+        recipe = DEFAULT_RECIPE  # the demo, when nothing says what to train on
     known = {f.name for cls in ARGUMENT_CLASSES for f in fields(cls) if f.init}
     recipe_values = _read_recipe(recipe, known) if recipe is not None else {}
     parser.set_defaults(**recipe_values)
@@ -229,7 +293,9 @@ def parse_config(argv: list[str] | None = None) -> Config:
     if extra:
         raise ConfigError(f"unrecognised argument(s): {' '.join(extra)}; see --help")
     _check_choices(model, data, finetune, tracking)
-    return Config(model, data, finetune, tracking, training, recipe)
+    sources = {name: "command line" for name in cli}
+    sources.update({name: f"recipe {recipe}" for name in recipe_values if name not in cli})
+    return Config(model, data, finetune, tracking, training, recipe, sources)
 
 
 def _check_deepspeed_file(argv: list[str], from_recipe: str | None) -> None:
@@ -256,9 +322,13 @@ def _check_choices(model: ModelArguments, data: DataArguments, finetune: Finetun
             ("auto", "flash_attention_2", "flash_attention_3", "sdpa", "eager", "flex_attention"),
         ),
         "--dtype": (model.dtype, ("auto", "float32", "bfloat16", "float16")),
+        "--mix_by": (data.mix_by, ("examples", "tokens")),
+        "--loss_impl": (finetune.loss_impl, ("auto", "hf", "chunked")),
     }
     for flag, (value, allowed) in choices.items():
         if value not in allowed:
             raise ConfigError(f"{flag} {value!r}: expected one of {', '.join(allowed)}")
     if data.max_length < 2:
         raise ConfigError(f"--max_length {data.max_length}: must be at least 2")
+    if data.preview < 0:
+        raise ConfigError(f"--preview {data.preview}: a number of examples, 0 or more")

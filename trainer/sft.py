@@ -1,7 +1,8 @@
 """Supervised fine-tuning: ``accelerate launch trainer/sft.py [RECIPE.yaml] [--option value ...]``.
 
-Reads top to bottom like the data flow: config → data (validated before any model is loaded) → tokenizer →
-ids + labels (+ packing) → model (+ LoRA/QLoRA) → Trainer → saved model, report, plot, samples.
+Reads top to bottom like the data flow: config → data (validated, tokenised and packed once into a memory-mapped
+folder, before any model is loaded) → model (+ LoRA/QLoRA) → packing isolation proven on it → Trainer → saved
+model, report, plot, samples. ``--preview N`` stops after showing what would be trained.
 """
 
 from __future__ import annotations
@@ -21,45 +22,70 @@ from transformers.trainer_utils import set_seed
 from trainer import outputs
 from trainer.args import Config, ConfigError, parse_config
 from trainer.batch import BatchSizeError, gradient_accumulation_for, world_size_from_env
+from trainer.callbacks.isolation import PackingIsolationCallback
 from trainer.callbacks.preemption import PREEMPTED_EXIT_CODE, PreemptionCallback
 from trainer.checkpoints import CheckpointError, MarkCompleteCallback, resolve_resume
-from trainer.data.build import build_datasets, read_records
 from trainer.data.formats import DataError
 from trainer.data.packing import PackedCollator, PaddedCollator, PaddingFreeCollator, install_isolation_guard
-from trainer.data.registry import cache_root
-from trainer.data.templates import TemplateError, end_of_turn_token_id, resolve_template
-from trainer.model import ModelSetupError, add_special_tokens, load_model, load_tokenizer, resize_for_tokenizer
+from trainer.data.templates import TemplateError, end_of_turn_token_id
+from trainer.isolation import IsolationError
+from trainer.model import ModelSetupError, load_model, resize_for_tokenizer
+from trainer.preparation import prepare, setup_data
+from trainer.preview import preview
 from trainer.run_config import write_run_config
 from trainer.samples import SampleRecorder, load_sample_prompts
 from trainer.sft_trainer import SFTTrainer
-from trainer.tiny import build_tiny_model, is_builtin
 
 logger = logging.getLogger("sft")
 
 USER_ERRORS = (ConfigError, DataError, TemplateError, ModelSetupError, BatchSizeError, CheckpointError,
-               outputs.OutputDirError)
+               outputs.OutputDirError, IsolationError)
 
 
 def setup_logging(cfg: Config) -> None:
     rank = int(os.environ.get("RANK", "0"))
     level = logging.INFO if rank == 0 else logging.WARNING
     logging.basicConfig(format=f"[%(asctime)s rank{rank}] %(name)s: %(message)s", datefmt="%H:%M:%S", level=level)
-    transformers.logging.set_verbosity(level)
+    # transformers at INFO prints whole model and generation configs and every file it loads: keep its warnings,
+    # and the Trainer's own progress lines (examples, epochs, steps).
+    transformers.logging.set_verbosity(logging.WARNING)
+    transformers.logging.get_logger("transformers.trainer").setLevel(level)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 
 def apply_global_batch(cfg: Config, world_size: int) -> None:
+    """Set gradient accumulation from ``--global_batch_size`` for this many processes, unless the user fixed it.
+
+    An explicit ``--gradient_accumulation_steps`` on the command line wins over a recipe's global batch; the two
+    given on the same level (both flags, or both in the recipe) must agree.
+    """
     args = cfg.training
     if args.world_size != world_size:
         raise ConfigError(
             f"the launcher started {world_size} processes but the trainer sees {args.world_size}: each process "
             f"would train alone. On CPU, launch with --multi_gpu (or launch/cpu_*.yaml) and keep --use_cpu true"
         )
-    if cfg.finetune.global_batch_size:
+    global_batch = cfg.finetune.global_batch_size
+    batch_from = cfg.sources.get("global_batch_size")
+    accumulation_from = cfg.sources.get("gradient_accumulation_steps")
+    per_step = args.per_device_train_batch_size * world_size
+    if global_batch and accumulation_from:
+        if accumulation_from == "command line" and batch_from != "command line":
+            logger.info("--gradient_accumulation_steps %d (command line) wins over global_batch_size %d (%s)",
+                        args.gradient_accumulation_steps, global_batch, batch_from)
+            global_batch = None
+        elif accumulation_from == batch_from and per_step * args.gradient_accumulation_steps != global_batch:
+            raise ConfigError(
+                f"--global_batch_size {global_batch} and --gradient_accumulation_steps "
+                f"{args.gradient_accumulation_steps} ({batch_from}) disagree: {args.per_device_train_batch_size} "
+                f"per device x {world_size} processes x {args.gradient_accumulation_steps} accumulation = "
+                f"{per_step * args.gradient_accumulation_steps}; give only one of them"
+            )
+    if global_batch:
         args.gradient_accumulation_steps = gradient_accumulation_for(
-            cfg.finetune.global_batch_size, args.per_device_train_batch_size, world_size
+            global_batch, args.per_device_train_batch_size, world_size
         )
-    global_batch = args.per_device_train_batch_size * world_size * args.gradient_accumulation_steps
+    global_batch = per_step * args.gradient_accumulation_steps
     # Every rank says who it is (not only the main one): a launch that silently started one process, or two
     # processes that each train alone, shows at once in the job log.
     print(f"[rank{os.environ.get('RANK', '0')}] world size {world_size}, rank {os.environ.get('RANK', '0')}, "
@@ -80,6 +106,10 @@ def collator_for(cfg: Config, attn: str, pad_token_id: int):
 
 def run(cfg: Config) -> int:
     args = cfg.training
+    if cfg.data.preview:  # what would be trained, before anything heavy: no model, no distributed set-up
+        setup = setup_data(cfg)
+        preview(setup, cfg.data.preview, args.output_dir)
+        return 0
     world_size = world_size_from_env()
     apply_global_batch(cfg, world_size)
     resume = outputs.check_output_dir(args.output_dir, args.resume_from_checkpoint, cfg.finetune.overwrite_output_dir,
@@ -91,55 +121,31 @@ def run(cfg: Config) -> int:
         logger.info("no complete checkpoint in %s yet: starting fresh", args.output_dir)
     set_seed(args.seed)
 
-    # Data first: a broken record must fail in seconds, before gigabytes of weights are loaded.
-    train_records = read_records(cfg.data.dataset, data_dir=cfg.data.data_dir, on_bad_record=cfg.data.on_bad_record,
-                                 system=cfg.data.system)
-    if cfg.data.max_samples:
-        train_records.conversations = train_records.conversations[: cfg.data.max_samples]
-    eval_records = None
-    if cfg.data.eval_dataset:
-        eval_records = read_records(cfg.data.eval_dataset, data_dir=cfg.data.data_dir,
-                                    on_bad_record=cfg.data.on_bad_record, system=cfg.data.system)
-
-    model_path = cfg.model.model_name_or_path
-    if is_builtin(model_path):
-        with args.main_process_first(desc="building the built-in model"):
-            texts = [m["content"] for c in train_records.conversations for m in c]
-            model_path = str(build_tiny_model(model_path, texts))
-    tokenizer = load_tokenizer(model_path, cfg.model.trust_remote_code)
-    added = add_special_tokens(tokenizer, cfg.model.add_special_tokens.split(",")) \
-        if cfg.model.add_special_tokens else []
-    template = resolve_template(cfg.data.template, tokenizer)
-    tokenizer.chat_template = template  # saved with the model: inference renders prompts as training did
-
-    with args.main_process_first(desc="tokenising"):
-        data = build_datasets(
-            train_records, eval_records, tokenizer, template,
-            max_length=cfg.data.max_length, on_overlong=cfg.data.on_overlong, val_size=cfg.data.val_size,
-            packing=cfg.data.packing, seed=args.seed, num_proc=cfg.data.preprocessing_num_workers,
-            cache_dir=cache_root() / "tokenized", show_progress=args.process_index == 0,
-        )
+    # Data first: a broken record must fail in seconds, before gigabytes of weights are loaded. Every rank takes
+    # the same prepared folder; one prepares it (or a `trainer/prepare.py` run did), the others wait on the disk.
+    setup = setup_data(cfg)
+    data = prepare(cfg, setup, show_progress=args.process_index == 0)
     logger.info("%s", data.report.summary())
     if args.process_index == 0:
         data.report.write(args.output_dir)
         write_run_config(cfg, data.report, world_size)
     if data.eval is None and args.eval_strategy != "no":
         raise ConfigError(f"--eval_strategy {args.eval_strategy} needs evaluation data: --val_size or --eval_dataset")
+    tokenizer, template = setup.tokenizer, setup.template
 
-    model = load_model(model_path, finetuning_type=cfg.finetune.finetuning_type,
+    model = load_model(setup.model_path, finetuning_type=cfg.finetune.finetuning_type,
                        attn_implementation=cfg.model.attn_implementation, dtype=cfg.model.dtype,
                        trust_remote_code=cfg.model.trust_remote_code)
     resized = resize_for_tokenizer(model, tokenizer)
-    stop_ids = sorted({tokenizer.eos_token_id, end_of_turn_token_id(tokenizer, template)} - {None})
+    stop_ids = sorted({tokenizer.eos_token_id,
+                       end_of_turn_token_id(tokenizer, template, setup.options.template_kwargs)} - {None})
     model.generation_config.eos_token_id = stop_ids
     model.generation_config.pad_token_id = tokenizer.pad_token_id
     if cfg.finetune.finetuning_type in ("lora", "qlora"):
         from trainer.lora import apply_lora
 
         model = apply_lora(model, cfg.finetune, seed=args.seed, gradient_checkpointing=args.gradient_checkpointing,
-                           train_embeddings=bool(added) or resized)
-    if cfg.data.packing or cfg.data.padding_free:
-        install_isolation_guard(model)
+                           train_embeddings=bool(setup.added_tokens) or resized)
     logger.info("model %s: attention %s, dtype %s, %s fine-tuning", cfg.model.model_name_or_path,
                 model.config._attn_implementation, model.dtype, cfg.finetune.finetuning_type)
 
@@ -147,15 +153,18 @@ def run(cfg: Config) -> int:
     if args.process_index == 0 and not resume and samples.can_generate():
         samples.record("before", model)
 
+    collator = collator_for(cfg, model.config._attn_implementation, tokenizer.pad_token_id)
     preemption = PreemptionCallback()
     callbacks = [MarkCompleteCallback(), preemption, *samples.callbacks()]
+    if cfg.data.packing or cfg.data.padding_free:
+        install_isolation_guard(model)
+        callbacks.append(PackingIsolationCallback(collator, cfg.data.packing, len(tokenizer)))
     if "swanlab" in (args.report_to or []):
         from trainer.callbacks.swanlab import make_swanlab_callback
 
         args.report_to = [r for r in args.report_to if r != "swanlab"]
         callbacks.append(make_swanlab_callback(cfg, data.report, world_size, samples))
 
-    collator = collator_for(cfg, model.config._attn_implementation, tokenizer.pad_token_id)
     logger.info("batches: %s %s", type(collator).__name__, vars(collator) if hasattr(collator, "__dict__") else "")
     trainer = SFTTrainer(
         model=model, args=args, train_dataset=data.train, eval_dataset=data.eval, data_collator=collator,

@@ -10,18 +10,18 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-import tempfile
 from collections.abc import Iterable
 from pathlib import Path
 
 import torch
 import transformers
+from safetensors.torch import save_model
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import AutoConfig, PreTrainedTokenizerFast
 
 from trainer.data.registry import cache_root
 from trainer.data.templates import CHATML
+from trainer.once import build_once
 
 BUILTIN_PREFIX = "builtin:"
 CONFIGS_DIR = Path(__file__).resolve().parents[1] / "data" / "models"
@@ -60,40 +60,53 @@ def _train_tokenizer(texts: Iterable[str], vocab_size: int) -> PreTrainedTokeniz
     return tokenizer
 
 
-def build_tiny_model(name: str, texts: list[str], seed: int = 0) -> Path:
-    """The folder of built-in model ``name`` with a tokenizer trained on ``texts``, built on first use."""
+REQUIRED_FILES = ("config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json")
+
+
+def is_complete(folder: Path) -> bool:
+    """A built model folder: every file loading needs (an older, interrupted build may hold only some)."""
+    return all((folder / name).is_file() for name in REQUIRED_FILES)
+
+
+def build_tiny_model(name: str, texts: Iterable[str], seed: int = 0, key: str | None = None) -> Path:
+    """The folder of built-in model ``name`` with a tokenizer trained on ``texts``, built on first use.
+
+    ``key`` names the training texts (e.g. a digest of the data files); without it the texts are hashed. Any
+    process may build it, on any node: one builds under a file lock (:func:`trainer.once.build_once`), the others
+    wait for the complete folder.
+    """
     config_file = CONFIGS_DIR / f"{name.removeprefix(BUILTIN_PREFIX)}.json"
     if not config_file.is_file():
         raise ValueError(f"unknown built-in model {name!r}; available: {', '.join(builtin_names())}")
     config_text = config_file.read_text()
     digest = hashlib.sha256(config_text.encode())
     digest.update(str(seed).encode())
-    for text in texts:
-        digest.update(text.encode())
+    if key is None:
+        texts = list(texts)
+        for text in texts:
+            digest.update(text.encode())
+    else:
+        digest.update(key.encode())
     folder = cache_root() / "models" / f"{config_file.stem}-{digest.hexdigest()[:12]}"
-    if (folder / "model.safetensors").is_file():
-        return folder
 
-    config_dict = json.loads(config_text)
-    tokenizer = _train_tokenizer(texts, config_dict["vocab_size"])
-    config_dict["vocab_size"] = len(tokenizer)
-    config = AutoConfig.for_model(**config_dict)
-    config.bos_token_id, config.eos_token_id = tokenizer.bos_token_id, tokenizer.eos_token_id
-    config.pad_token_id = tokenizer.pad_token_id
-    torch.manual_seed(seed)
-    # The class itself, not AutoModelForCausalLM.from_config: under a ZeRO-3 launch from_config partitions the
-    # weights with collectives, which would deadlock while only one process builds the model.
-    model = getattr(transformers, config.architectures[0])(config)
-
-    # Build in a temporary folder and rename: concurrent ranks or an interrupted build never leave half a model.
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(dir=folder.parent) as tmp:
-        model.save_pretrained(tmp)
+    def build(tmp: Path, progress) -> None:
+        progress.update(force=True, stage="training the tokenizer")
+        config_dict = json.loads(config_text)
+        tokenizer = _train_tokenizer(texts, config_dict["vocab_size"])
+        config_dict["vocab_size"] = len(tokenizer)
+        config = AutoConfig.for_model(**config_dict)
+        config.bos_token_id, config.eos_token_id = tokenizer.bos_token_id, tokenizer.eos_token_id
+        config.pad_token_id = tokenizer.pad_token_id
+        torch.manual_seed(seed)
+        # The class itself, not AutoModelForCausalLM.from_config: under a ZeRO-3 launch from_config partitions the
+        # weights with collectives, which would deadlock while only one process builds the model.
+        model = getattr(transformers, config.architectures[0])(config)
+        # Written directly, not with model.save_pretrained: once torch.distributed is up, transformers saves
+        # nothing on a process whose global rank is not 0, and the builder may be any rank of any node.
+        model.config.to_json_file(tmp / "config.json")
+        model.generation_config.to_json_file(tmp / "generation_config.json")
+        save_model(model, str(tmp / "model.safetensors"), metadata={"format": "pt"})
         tokenizer.save_pretrained(tmp)
-        try:
-            os.rename(tmp, folder)
-        except OSError:  # another process finished first: its copy is identical
-            pass
-        else:
-            os.makedirs(tmp)  # let TemporaryDirectory's cleanup find its folder
-    return folder
+
+    with torch.random.fork_rng(devices=[]):  # building must not move the run's random numbers
+        return build_once(folder, build, is_complete, what=f"the built-in model {name}")[0]

@@ -145,7 +145,7 @@ def test_paths_files_and_folders_mix_with_names(tmp_path):
     assert resolve_dataset(f"{folder}, {single}") == [folder / "a.json", folder / "b.jsonl", single]
     with pytest.raises(DataError, match="not found"):
         resolve_dataset(str(tmp_path / "nope.json"))
-    with pytest.raises(DataError, match=r"must end in \.json or \.jsonl"):
+    with pytest.raises(DataError, match=r"must end in \.json, \.jsonl or \.parquet"):
         resolve_dataset(str(folder / "notes.txt"))
 
 

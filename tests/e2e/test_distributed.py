@@ -13,7 +13,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from tests.conftest import REPO, run_sft, sft_command
+from tests.conftest import DEMO_RECIPE, REPO, run_sft, sft_command
 from tests.e2e.test_resume import kill_job, wait_for
 
 pytestmark = pytest.mark.slow
@@ -22,8 +22,9 @@ LAUNCH = {"ddp": "launch/cpu_ddp.yaml", "zero2": "launch/cpu_zero2.yaml", "zero3
 
 
 def args(data: Path, out: Path, optim: str, ftype: str, *extra: str) -> list[str]:
-    return ["--dataset", str(data), "--output_dir", str(out), "--report_to", "none", "--sample_prompts", "none",
-            "--max_length", "128", "--per_device_train_batch_size", "2", "--global_batch_size", "8",
+    return [DEMO_RECIPE, "--dataset", str(data), "--output_dir", str(out), "--report_to", "none",
+            "--sample_prompts", "none", "--max_length", "128", "--per_device_train_batch_size", "2",
+            "--global_batch_size", "8",
             "--max_steps", "3", "--logging_steps", "1", "--save_strategy", "no", "--optim", optim,
             "--learning_rate", "1e-2" if optim == "sgd" else "1e-3", "--finetuning_type", ftype,
             "--lora_dropout", "0", "--seed", "3", *extra]

@@ -11,15 +11,16 @@ from pathlib import Path
 import pytest
 from safetensors.torch import load_file
 
-from tests.conftest import run_sft, start_sft
+from tests.conftest import DEMO_RECIPE, run_sft, start_sft
 from trainer.callbacks.preemption import PREEMPTED_EXIT_CODE
 
 pytestmark = pytest.mark.slow
 
 
 def common(data: Path, out: Path) -> list[str]:
-    return ["--dataset", str(data), "--output_dir", str(out), "--report_to", "none", "--sample_prompts", "none",
-            "--max_length", "128", "--per_device_train_batch_size", "2", "--global_batch_size", "4",
+    return [DEMO_RECIPE, "--dataset", str(data), "--output_dir", str(out), "--report_to", "none",
+            "--sample_prompts", "none", "--max_length", "128", "--per_device_train_batch_size", "2",
+            "--global_batch_size", "4",
             "--max_steps", "12", "--save_steps", "3", "--save_total_limit", "5", "--logging_steps", "1",
             "--learning_rate", "1e-3", "--seed", "7"]
 

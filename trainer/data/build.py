@@ -1,62 +1,107 @@
-"""The data half of the flow: files → conversations → ids + labels → (packed) training rows, with a report.
+"""The data half of the flow, done once: sources → conversations → examples (ids + labels) → mixture → rows.
 
-Nothing is dropped silently: bad records (with ``--on_bad_record skip``), truncated and dropped examples are
-counted, and the report is logged and written to ``data_report.json`` in the output folder.
+:func:`prepare_data` writes the result as memory-mapped Arrow files into a content-addressed folder (see
+:mod:`trainer.data.prepared`); everything else reads it from there. The work streams: records are read one at a
+time, tokenised a batch at a time (in ``num_proc`` worker processes), written to Arrow as they come, split, mixed
+and packed from the example *lengths* alone, and rows are gathered from the memory-mapped examples. Memory stays
+flat whatever the size of the data.
+
+Nothing is dropped silently: bad records (with ``--on_bad_record skip``), examples left without a trained token,
+truncated and dropped examples, what mixing leaves out — all are counted in the report, which is logged and written
+to ``data_report.json`` in the output folder.
 """
 
 from __future__ import annotations
 
-import hashlib
+import collections
 import json
 import logging
-import os
+import time
+from collections.abc import Iterator, Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Any
 
+import numpy as np
+import pyarrow as pa
 import pyarrow.compute as pc
-from datasets import Dataset, disable_progress_bars, enable_progress_bars
+from tqdm.auto import tqdm
 from transformers import PreTrainedTokenizerBase
 
-from trainer.data.formats import Conversation, DataError, SkippedRecord, read_conversations, with_system
-from trainer.data.packing import PackingStats, pack_dataset, packing_stats
-from trainer.data.registry import resolve_dataset
-from trainer.data.templates import IGNORE_INDEX, tokenize_conversation
+from trainer.data.encode import ConversationEncoder, encode_batches
+from trainer.data.formats import ConversationReader, DataError, with_system
+from trainer.data.mixing import mixture
+from trainer.data.packing import ROW_SCHEMA, PackingStats, packed_row_batches, row_order
+from trainer.data.sources import Source
+from trainer.once import Progress
 
 logger = logging.getLogger(__name__)
 
+BATCH_CONVERSATIONS = 512
+MAX_LISTED_SKIPS = 1000  # skipped records listed one by one in the report; all are counted
 
-@dataclass
-class Records:
-    """Validated conversations from one ``--dataset`` spec, and where they came from."""
+EXAMPLE_SCHEMA = pa.schema([
+    ("input_ids", pa.list_(pa.int32())),
+    ("labels", pa.list_(pa.int32())),
+    ("conversation", pa.int64()),  # index over all conversations read, train sources first
+    ("source", pa.int32()),  # index into train sources + eval sources
+    ("truncated", pa.bool_()),
+    ("label_tokens", pa.int32()),
+])
+UNPACKED_SCHEMA = pa.schema([("input_ids", pa.list_(pa.int32())), ("labels", pa.list_(pa.int32()))])
 
-    conversations: list[Conversation]
-    files: list[dict] = field(default_factory=list)
-    skipped: list[SkippedRecord] = field(default_factory=list)
+
+@dataclass(frozen=True)
+class DataOptions:
+    """Everything besides sources, tokenizer and template that changes the prepared data (part of its key)."""
+
+    max_length: int
+    on_overlong: str = "truncate"
+    on_bad_record: str = "error"
+    val_size: float = 0.0
+    max_samples: int | None = None
+    system: str | None = None
+    packing: bool = False
+    seed: int = 42
+    mix_by: str = "examples"
+    template_kwargs: Mapping[str, Any] = field(default_factory=dict)
 
 
 @dataclass
 class DataReport:
     files: list[dict]
     skipped_records: list[dict]
+    skipped_count: int = 0
+    conversations: int = 0
     train_examples: int = 0
     eval_examples: int = 0
+    expanded_conversations: int = 0
     truncated: int = 0
     dropped_overlong: int = 0
     dropped_without_answer: int = 0
     tokens: int = 0
     label_tokens: int = 0
     max_length: int = 0
+    sources: list[dict] = field(default_factory=list)
+    mixing: dict | None = None
     packing: dict | None = None
+    eval_sets: dict | None = None
 
     def summary(self) -> str:
         lines = [f"data: {len(self.files)} file(s): " + ", ".join(f"{f['path']} ({f['format']}, {f['records']})"
                                                              for f in self.files)]
+        expansion = (f" ({self.expanded_conversations} conversation(s) split into one example per assistant turn: "
+                     "the template renders their history differently at each turn)"
+                     if self.expanded_conversations else "")
         lines.append(
-            f"data: {self.train_examples} train / {self.eval_examples} eval examples, {self.tokens:,} tokens of "
-            f"which {self.label_tokens:,} labelled; over --max_length {self.max_length}: {self.truncated} truncated, "
-            f"{self.dropped_overlong} dropped; {self.dropped_without_answer} dropped with no answer token left; "
-            f"{len(self.skipped_records)} bad record(s) skipped"
+            f"data: {self.conversations} conversations → {self.train_examples} train / {self.eval_examples} eval "
+            f"examples{expansion}, {self.tokens:,} train tokens of which {self.label_tokens:,} labelled; over "
+            f"--max_length {self.max_length}: {self.truncated} truncated, {self.dropped_overlong} dropped; "
+            f"{self.dropped_without_answer} dropped with no answer token left; {self.skipped_count} bad record(s) "
+            "skipped"
         )
+        if self.mixing:
+            lines.append("mixing: " + self.mixing["summary"])
         if self.packing:
             lines.append("packing: " + self.packing["summary"])
         return "\n".join(lines)
@@ -67,149 +112,252 @@ class DataReport:
         path.write_text(json.dumps(asdict(self), ensure_ascii=False, indent=2), encoding="utf-8")
         return path
 
-
-def read_records(spec: str, *, data_dir: str | None, on_bad_record: str, system: str | None) -> Records:
-    records = Records([])
-    for path in resolve_dataset(spec, split="train", data_dir=data_dir):
-        loaded = read_conversations(path, on_bad_record=on_bad_record)
-        records.conversations.extend(with_system(c, system) for c in loaded.conversations)
-        records.files.append({"path": str(path), "format": loaded.format, "records": len(loaded.conversations)})
-        records.skipped.extend(loaded.skipped)
-    return records
+    @classmethod
+    def from_dict(cls, values: dict) -> DataReport:
+        return cls(**values)
 
 
-def split_eval(conversations: list[Conversation], val_size: float, seed: int) -> tuple[list, list]:
-    """Hold out ``val_size`` (a share below 1, else a count) of the conversations, chosen with ``seed``."""
-    if val_size <= 0:
-        return conversations, []
-    n_eval = int(round(val_size * len(conversations))) if val_size < 1 else int(val_size)
-    if not 0 < n_eval < len(conversations):
-        raise DataError(f"--val_size {val_size}: leaves no train or no eval example of {len(conversations)}")
-    import random
-
-    order = list(range(len(conversations)))
-    random.Random(seed).shuffle(order)
-    held = set(order[:n_eval])
-    return ([c for i, c in enumerate(conversations) if i not in held], [conversations[i] for i in sorted(held)])
-
-
-def _tokenize_batch(batch: dict, tokenizer, template: str, max_length: int) -> dict:
-    out = {"input_ids": [], "labels": [], "truncated": []}
-    for messages in batch["messages"]:
-        tokenized = tokenize_conversation(tokenizer, template, messages, max_length)
-        out["input_ids"].append(tokenized.input_ids)
-        out["labels"].append(tokenized.labels)
-        out["truncated"].append(tokenized.truncated)
-    return out
-
-
-def _fingerprint(conversations: list[Conversation], tokenizer, template: str, max_length: int) -> str:
-    digest = hashlib.sha256()
-    digest.update(json.dumps(conversations, ensure_ascii=False).encode())
-    digest.update(template.encode())
-    digest.update(str(max_length).encode())
-    digest.update(json.dumps(tokenizer.get_vocab(), sort_keys=True).encode())
-    return digest.hexdigest()[:16]
-
-
-def tokenize(
-    conversations: list[Conversation],
-    tokenizer: PreTrainedTokenizerBase,
-    template: str,
-    *,
-    max_length: int,
-    on_overlong: str,
-    num_proc: int | None,
-    report: DataReport,
-    cache_dir: Path | None,
-) -> Dataset:
-    """Ids + labels for every conversation; counts truncations and drops into ``report``."""
-    if not conversations:
-        return Dataset.from_dict({"input_ids": [], "labels": []})
-    dataset = Dataset.from_list([{"messages": c} for c in conversations])
-    if num_proc is None:
-        num_proc = min(8, os.cpu_count() or 1) if len(conversations) >= 20_000 else None
-    cache_file = None
-    if cache_dir is not None:
-        cache_dir.mkdir(parents=True, exist_ok=True)
-        cache_file = str(cache_dir / f"{_fingerprint(conversations, tokenizer, template, max_length)}.arrow")
-    tokenized = dataset.map(
-        _tokenize_batch,
-        batched=True,
-        fn_kwargs={"tokenizer": tokenizer, "template": template, "max_length": max_length},
-        remove_columns=["messages"],
-        num_proc=num_proc,
-        cache_file_name=cache_file,
-        desc="tokenising",
-    )
-    truncated = tokenized["truncated"]
-    keep = [i for i, labels in enumerate(tokenized["labels"]) if any(t != IGNORE_INDEX for t in labels)]
-    report.dropped_without_answer += len(tokenized) - len(keep)
-    if on_overlong == "drop":
-        report.dropped_overlong += sum(1 for i in keep if truncated[i])
-        keep = [i for i in keep if not truncated[i]]
-    else:
-        report.truncated += sum(1 for i in keep if truncated[i])
-    if len(keep) < len(tokenized):
-        tokenized = tokenized.select(keep)
-    return tokenized.remove_columns(["truncated"])
-
-
-def count_tokens(dataset: Dataset) -> tuple[int, int]:
-    """Tokens and labelled tokens, counted in Arrow (a Python pass over every token costs seconds on large sets)."""
-    table = dataset.select_columns(["input_ids", "labels"]).with_format("arrow")[:]
-    tokens = pc.sum(pc.list_value_length(table.column("input_ids"))).as_py() or 0
-    label_tokens = pc.sum(pc.not_equal(pc.list_flatten(table.column("labels")), IGNORE_INDEX).cast("int64")).as_py()
-    return tokens, label_tokens or 0
+# ------------------------------------------------------------------------------------------------ reading + encoding
 
 
 @dataclass
-class SFTData:
-    train: Dataset
-    eval: Dataset | None
-    report: DataReport
-    packing: PackingStats | None
+class _Stats:
+    """Running counts while examples stream in."""
+
+    conversations: int = 0
+    train_conversations: int = 0
+    examples: int = 0
+    tokens: int = 0
+    truncated: int = 0
+    dropped_overlong: int = 0
+    dropped_without_answer: int = 0
+    expanded: int = 0
+    skipped: list = field(default_factory=list)
+    skipped_count: int = 0
+    files: list = field(default_factory=list)
 
 
-def build_datasets(
-    train_records: Records,
-    eval_records: Records | None,
+def _conversation_batches(sources: list[Source], options: DataOptions, stats: _Stats, meta: collections.deque,
+                          train_sources: int) -> Iterator[list]:
+    """Batches of validated conversations; ``meta`` gets, per batch, where each conversation came from."""
+    for source_index, source in enumerate(sources):
+        is_train = source_index < train_sources
+        for stream in source.streams:
+            reader = ConversationReader(stream.where, stream.records(), options.on_bad_record)
+            batch, where = [], []
+            records_before = stats.conversations
+            for line, conversation in reader:
+                if is_train and options.max_samples is not None and stats.train_conversations >= options.max_samples:
+                    break
+                batch.append(with_system(conversation, options.system))
+                where.append((line, reader.count - 1, stats.conversations))
+                stats.conversations += 1
+                stats.train_conversations += is_train
+                if len(batch) == BATCH_CONVERSATIONS:
+                    meta.append((reader, source_index, where))
+                    yield batch
+                    batch, where = [], []
+            if batch:
+                meta.append((reader, source_index, where))
+                yield batch
+            stats.files.append({"path": stream.where, "format": reader.format,
+                                "records": stats.conversations - records_before})
+            _add_skipped(stats, reader.skipped)
+
+
+def _add_skipped(stats: _Stats, skipped: list) -> None:
+    stats.skipped_count += len(skipped)
+    room = MAX_LISTED_SKIPS - len(stats.skipped)
+    stats.skipped.extend(asdict(s) for s in skipped[: max(room, 0)])
+    skipped.clear()
+
+
+def _examples_batch(encoded, where: list, source_index: int, reader: ConversationReader, options: DataOptions,
+                    stats: _Stats) -> pa.RecordBatch | None:
+    for index, message in encoded.errors:  # a conversation the template cannot render: file:line, or skipped
+        line, record, _ = where[index]
+        reader.reject(line, record, message)
+    _add_skipped(stats, reader.skipped)
+    per_conversation = np.bincount(encoded.conversation, minlength=len(where))
+    stats.expanded += int(np.sum(per_conversation > 1))
+    keep = encoded.label_counts > 0
+    stats.dropped_without_answer += int(np.sum(~keep))
+    if options.on_overlong == "drop":
+        stats.dropped_overlong += int(np.sum(keep & encoded.truncated))
+        keep &= ~encoded.truncated
+    else:
+        stats.truncated += int(np.sum(keep & encoded.truncated))
+    if not keep.any():
+        return None
+    offsets = np.concatenate([[0], np.cumsum(encoded.lengths, dtype=np.int64)])
+    token_keep = np.repeat(keep, encoded.lengths)
+    new_offsets = np.concatenate([[0], np.cumsum(encoded.lengths[keep], dtype=np.int64)]).astype(np.int32)
+    assert offsets[-1] == len(encoded.input_ids)
+    conversation = np.array([where[i][2] for i in encoded.conversation[keep]], dtype=np.int64)
+    stats.examples += int(keep.sum())
+    stats.tokens += int(new_offsets[-1])
+    list_offsets = pa.array(new_offsets, type=pa.int32())
+    return pa.RecordBatch.from_arrays([
+        pa.ListArray.from_arrays(list_offsets, pa.array(encoded.input_ids[token_keep])),
+        pa.ListArray.from_arrays(list_offsets, pa.array(encoded.labels[token_keep])),
+        pa.array(conversation),
+        pa.array(np.full(int(keep.sum()), source_index, dtype=np.int32)),
+        pa.array(encoded.truncated[keep]),
+        pa.array(encoded.label_counts[keep]),
+    ], schema=EXAMPLE_SCHEMA)
+
+
+def _encode_all(sources: list[Source], train_sources: int, encoder: ConversationEncoder, options: DataOptions,
+                path: Path, num_proc: int, show_progress: bool, progress: Progress | None) -> _Stats:
+    stats = _Stats()
+    meta: collections.deque = collections.deque()
+    batches = _conversation_batches(sources, options, stats, meta, train_sources)
+    started = time.perf_counter()
+    bar = tqdm(unit=" conversations", desc="preparing data", disable=not show_progress, mininterval=1.0)
+    with pa.OSFile(str(path), "wb") as sink, pa.ipc.new_stream(sink, EXAMPLE_SCHEMA) as writer, bar:
+        for encoded in encode_batches(encoder, batches, num_proc):
+            reader, source_index, where = meta.popleft()
+            batch = _examples_batch(encoded, where, source_index, reader, options, stats)
+            if batch is not None:
+                writer.write_batch(batch)
+            elapsed = max(time.perf_counter() - started, 1e-9)
+            bar.update(len(where))
+            bar.set_postfix_str(f"{stats.examples:,} examples, {stats.tokens / elapsed:,.0f} tokens/s", refresh=False)
+            if progress is not None:
+                progress.update(stage="tokenising", conversations=stats.conversations, tokens=stats.tokens)
+    return stats
+
+
+# ------------------------------------------------------------------------------------------------ split, mix, pack
+
+
+def _read_table(path: Path) -> pa.Table:
+    """The Arrow stream file at ``path``, memory-mapped (no copy of the token columns)."""
+    return pa.ipc.open_stream(pa.memory_map(str(path))).read_all()
+
+
+def _held_out(n_conversations: int, val_size: float, seed: int) -> np.ndarray:
+    """A boolean mask of the conversations held out for evaluation (``val_size``: a share below 1, else a count)."""
+    held = np.zeros(n_conversations, dtype=bool)
+    if val_size <= 0:
+        return held
+    n_eval = int(round(val_size * n_conversations)) if val_size < 1 else int(val_size)
+    if not 0 < n_eval < n_conversations:
+        raise DataError(f"--val_size {val_size}: leaves no train or no eval example of {n_conversations}")
+    held[np.random.default_rng([seed, 1]).permutation(n_conversations)[:n_eval]] = True
+    return held
+
+
+def _write_examples(path: Path, table: pa.Table, index: np.ndarray, packing: bool, max_length: int,
+                    seed: int) -> PackingStats | None:
+    """Write the examples at ``index`` of ``table`` to an Arrow file: packed into rows, or as they are."""
+    lengths = pc.list_value_length(table.column("input_ids")).to_numpy()[index]
+    if packing:
+        rows = [[int(index[i]) for i in row] for row in row_order(lengths.tolist(), max_length, seed)]
+        batches, schema = packed_row_batches(table, rows), ROW_SCHEMA
+    else:
+        columns = table.select(["input_ids", "labels"])
+        batches = (b for i in range(0, len(index), 4096) for b in columns.take(pa.array(index[i : i + 4096]))
+                   .to_batches())
+        schema = UNPACKED_SCHEMA
+    with pa.OSFile(str(path), "wb") as sink, pa.ipc.new_stream(sink, schema) as writer:
+        for batch in batches:
+            writer.write_batch(batch)
+    if not packing:
+        return None
+    return PackingStats(examples=len(index), rows=len(rows), tokens=int(lengths.sum()),
+                        capacity_tokens=len(rows) * max_length)
+
+
+def _label_tokens(table: pa.Table, index: np.ndarray) -> int:
+    return int(table.column("label_tokens").to_numpy()[index].sum())
+
+
+def build_prepared(
+    folder: Path,
+    train_sources: list[Source],
+    eval_sources: list[Source],
     tokenizer: PreTrainedTokenizerBase,
     template: str,
+    options: DataOptions,
     *,
-    max_length: int,
-    on_overlong: str,
-    val_size: float,
-    packing: bool,
-    seed: int,
-    num_proc: int | None = None,
-    cache_dir: Path | None = None,
+    num_proc: int = 1,
     show_progress: bool = True,
-) -> SFTData:
-    skipped = train_records.skipped + (eval_records.skipped if eval_records else [])
+    progress: Progress | None = None,
+) -> DataReport:
+    """Fill ``folder`` with ``train.arrow``, ``eval*.arrow`` and ``report.json``; returns the report."""
+    sources = train_sources + eval_sources
+    encoder = ConversationEncoder(tokenizer, template, options.template_kwargs, options.max_length)
+    examples_path = folder / "examples.arrow"
+    stats = _encode_all(sources, len(train_sources), encoder, options, examples_path, num_proc, show_progress,
+                        progress)
+    if progress is not None:
+        progress.update(force=True, stage="packing" if options.packing else "writing", examples=stats.examples)
+    table = _read_table(examples_path)
+    conversation = table.column("conversation").to_numpy()
+    source = table.column("source").to_numpy()
+    lengths = pc.list_value_length(table.column("input_ids")).to_numpy()
+    held = _held_out(stats.train_conversations, options.val_size, options.seed)
+    is_train_source = source < len(train_sources)
+    in_held = np.zeros(len(table), dtype=bool)
+    in_held[is_train_source] = held[conversation[is_train_source]]
+    train_index = np.flatnonzero(is_train_source & ~in_held)
+    eval_index = np.flatnonzero(~is_train_source | in_held)
+    if len(train_index) == 0:
+        raise DataError("no training example left after tokenisation: "
+                        f"{stats.examples} examples in all, {stats.dropped_without_answer} without an answer token, "
+                        f"{stats.dropped_overlong} dropped as too long, {stats.skipped_count} bad records skipped")
+
+    per_source = []
+    for i, src in enumerate(sources):
+        mine = train_index[source[train_index] == i]
+        per_source.append({"name": src.name, "key": src.key, "role": "train" if i < len(train_sources) else "eval",
+                           "weight": src.weight, "examples": int(np.sum(source == i)),
+                           "train_examples": len(mine), "tokens": int(lengths[mine].sum()),
+                           "label_tokens": _label_tokens(table, mine)})
+    mixing = None
+    if any(s.weight is not None for s in train_sources):
+        by_source = [train_index[source[train_index] == i] for i in range(len(train_sources))]
+        chosen = mixture([lengths[b] for b in by_source], [s.weight for s in train_sources], options.mix_by,
+                         options.seed)
+        parts = []
+        for entry, index, picked in zip(per_source, by_source, chosen):
+            entry.update(mixed_examples=len(picked), mixed_tokens=int(lengths[index[picked]].sum()),
+                         left_out=len(index) - len(picked))
+            parts.append(f"{entry['name']} {len(picked):,} of {len(index):,} examples "
+                         f"({entry['mixed_tokens']:,} tokens)")
+        train_index = np.sort(np.concatenate([index[picked] for index, picked in zip(by_source, chosen)]))
+        mixing = {"by": options.mix_by, "summary": f"by {options.mix_by}: " + ", ".join(parts)}
+
+    stats_packing = _write_examples(folder / "train.arrow", table, train_index, options.packing, options.max_length,
+                                    options.seed)
+    eval_sets = {}
+    present = [int(i) for i in np.unique(source[eval_index])]
+    keys = _unique_keys([sources[i] for i in present])
+    for i, key in zip(present, keys):
+        name = "eval" if len(present) == 1 else f"eval-{key}"
+        eval_sets[name] = eval_index[source[eval_index] == i]
+    for name, index in eval_sets.items():
+        _write_examples(folder / f"{name}.arrow", table, index, options.packing, options.max_length, options.seed)
     report = DataReport(
-        files=train_records.files + (eval_records.files if eval_records else []),
-        skipped_records=[asdict(s) for s in skipped],
-        max_length=max_length,
+        files=stats.files, skipped_records=stats.skipped, skipped_count=stats.skipped_count,
+        conversations=stats.conversations, train_examples=len(train_index), eval_examples=len(eval_index),
+        expanded_conversations=stats.expanded, truncated=stats.truncated, dropped_overlong=stats.dropped_overlong,
+        dropped_without_answer=stats.dropped_without_answer, tokens=int(lengths[train_index].sum()),
+        max_length=options.max_length, sources=per_source, mixing=mixing,
+        label_tokens=_label_tokens(table, train_index),
+        eval_sets={name: len(index) for name, index in eval_sets.items()} or None,
     )
-    train_conversations, eval_conversations = split_eval(train_records.conversations, val_size, seed)
-    if eval_records is not None:
-        eval_conversations = eval_conversations + eval_records.conversations
-    (enable_progress_bars if show_progress else disable_progress_bars)()
-    options = dict(max_length=max_length, on_overlong=on_overlong, num_proc=num_proc, report=report,
-                   cache_dir=cache_dir)
-    train = tokenize(train_conversations, tokenizer, template, **options)
-    evaluation = tokenize(eval_conversations, tokenizer, template, **options) if eval_conversations else None
-    if len(train) == 0:
-        raise DataError(f"no training example left after tokenisation: {report.summary()}")
-    report.train_examples, report.eval_examples = len(train), len(evaluation) if evaluation is not None else 0
-    report.tokens, report.label_tokens = count_tokens(train)
-    stats = None
-    if packing:
-        train = pack_dataset(train, max_length, seed)
-        stats = packing_stats(train, max_length)
-        if evaluation is not None:
-            evaluation = pack_dataset(evaluation, max_length, seed)
-        report.packing = {"summary": str(stats), "efficiency": stats.efficiency, "rows": stats.rows,
-                          "examples_per_row": stats.examples_per_row}
-    return SFTData(train, evaluation, report, stats)
+    del table
+    examples_path.unlink()
+    if stats_packing is not None:
+        report.packing = {"summary": str(stats_packing), "efficiency": stats_packing.efficiency,
+                          "rows": stats_packing.rows, "examples_per_row": stats_packing.examples_per_row}
+    (folder / "report.json").write_text(json.dumps(asdict(report), ensure_ascii=False, indent=2), encoding="utf-8")
+    return report
+
+
+def _unique_keys(sources: list[Source]) -> list[str]:
+    """Each source's metric key, numbered where two sources would share one."""
+    keys = [s.key for s in sources]
+    return [k if keys.count(k) == 1 else f"{k}_{i}" for i, k in enumerate(keys)]

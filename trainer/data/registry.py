@@ -78,7 +78,7 @@ def resolve_dataset(
     """
     items = [item.strip() for item in spec.split(",") if item.strip()]
     if not items:
-        raise DataError("no dataset given: pass a registered name, a .json/.jsonl file or a folder of them")
+        raise DataError("no dataset given: pass a registered name, a .json/.jsonl/.parquet file or a folder of them")
     registry = load_registry(registry_file)
     local_dir = data_dir if data_dir is not None else os.environ.get(DATA_DIR_ENV) or None
     files: list[Path] = []
@@ -101,11 +101,11 @@ def _local_files(item: str, registry: dict) -> list[Path]:
     if path.is_dir():
         found = sorted(p for p in path.iterdir() if p.is_file() and p.suffix.lower() in EXTENSIONS)
         if not found:
-            raise DataError(f"dataset folder {path} holds no .json or .jsonl files")
+            raise DataError(f"dataset folder {path} holds no .json, .jsonl or .parquet files")
         return found
     if path.is_file():
         if path.suffix.lower() not in EXTENSIONS:
-            raise DataError(f"dataset file {path} must end in .json or .jsonl")
+            raise DataError(f"dataset file {path} must end in .json, .jsonl or .parquet")
         return [path]
     if path.suffix or os.sep in item or "/" in item:
         raise DataError(f"dataset file {path} not found")

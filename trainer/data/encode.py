@@ -1,0 +1,168 @@
+"""Conversations → token ids and labels, a batch at a time, as flat arrays: the hot loop of data preparation.
+
+Each conversation is rendered into its training examples (:meth:`ChatRenderer.examples`), the texts of a whole batch
+are tokenised in one call of the Rust tokenizer, and labels are copied from the ids over the token range of each
+trained character span. The range comes from two ``char_to_token`` look-ups per span (widened to every token that
+overlaps it), not from reading every token's offsets back into Python: that is where a per-token loop would spend
+most of its time. Results travel as numpy arrays (ids, labels, per-example lengths), which cost nothing to send
+from a worker process and turn into Arrow columns without a copy.
+
+With ``num_proc`` > 1, :func:`encode_batches` runs the encoder in worker processes, a bounded number of batches in
+flight, results in input order; memory stays flat whatever the size of the data.
+"""
+
+from __future__ import annotations
+
+import collections
+import concurrent.futures
+import multiprocessing
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import jinja2
+import numpy as np
+from transformers import PreTrainedTokenizerBase
+
+from trainer.data.templates import IGNORE_INDEX, ChatRenderer, TemplateError, label_tokens
+
+
+@dataclass
+class EncodedBatch:
+    """The examples of a batch of conversations, concatenated; per-example arrays are aligned."""
+
+    input_ids: np.ndarray  # int32, every example's ids one after another
+    labels: np.ndarray  # int32, aligned with input_ids; IGNORE_INDEX where nothing is trained
+    lengths: np.ndarray  # int32, tokens per example (after truncation)
+    conversation: np.ndarray  # int32, index in the batch of the conversation each example comes from
+    truncated: np.ndarray  # bool, the example was longer than max_length
+    label_counts: np.ndarray  # int32, trained tokens per example (after truncation)
+    errors: list[tuple[int, str]] = field(default_factory=list)  # (conversation index, why it cannot be rendered)
+
+
+class ConversationEncoder:
+    """Ids and labels for batches of conversations, with one tokenizer, template and length limit."""
+
+    def __init__(self, tokenizer: PreTrainedTokenizerBase, template: str,
+                 template_kwargs: Mapping[str, Any] | None = None, max_length: int | None = None) -> None:
+        self.tokenizer = tokenizer
+        self.renderer = ChatRenderer(tokenizer, template, template_kwargs)
+        self.max_length = max_length
+        backend = getattr(tokenizer, "_tokenizer", None)
+        # The Rust tokenizer itself, when there is one: what the transformers wrapper calls for a batch, minus the
+        # conversion of every encoding into Python lists.
+        self._backend = backend if hasattr(backend, "encode_batch") else None
+
+    def encode(self, conversations: Sequence[Sequence[Mapping[str, Any]]]) -> EncodedBatch:
+        texts: list[str] = []
+        spans: list[tuple[tuple[int, int], ...]] = []
+        owner: list[int] = []
+        errors: list[tuple[int, str]] = []
+        for index, messages in enumerate(conversations):
+            try:
+                examples = self.renderer.examples(messages)
+            except (TemplateError, jinja2.TemplateError) as error:  # raise_exception() in a template, or ours
+                errors.append((index, f"chat template: {error}"))
+                continue
+            for example in examples:
+                texts.append(example.text)
+                spans.append(example.spans)
+                owner.append(index)
+        ids_and_labels = self._tokenize(texts, spans)
+        lengths = np.array([len(ids) for ids, _ in ids_and_labels], dtype=np.int32)
+        truncated = np.zeros(len(lengths), dtype=bool)
+        if self.max_length is not None:
+            truncated = lengths > self.max_length
+            if truncated.any():
+                ids_and_labels = [(i[: self.max_length], lab[: self.max_length]) for i, lab in ids_and_labels]
+                lengths = np.minimum(lengths, self.max_length)
+        empty = np.zeros(0, dtype=np.int32)
+        labels = np.concatenate([lab for _, lab in ids_and_labels]) if ids_and_labels else empty
+        counts = np.add.reduceat(labels != IGNORE_INDEX, np.r_[0, np.cumsum(lengths)[:-1]]) if len(lengths) else empty
+        return EncodedBatch(
+            input_ids=np.concatenate([i for i, _ in ids_and_labels]) if ids_and_labels else empty,
+            labels=labels,
+            lengths=lengths,
+            conversation=np.array(owner, dtype=np.int32),
+            truncated=truncated,
+            label_counts=np.where(lengths > 0, counts, 0).astype(np.int32),
+            errors=errors,
+        )
+
+    def _tokenize(self, texts: list[str], spans: list[tuple[tuple[int, int], ...]]
+                  ) -> list[tuple[np.ndarray, np.ndarray]]:
+        if not texts:
+            return []
+        if self._backend is None:  # a Python tokenizer: offsets from the wrapper (slow, but exact)
+            encoded = self.tokenizer(texts, add_special_tokens=False, return_offsets_mapping=True)
+            out = []
+            for ids, offsets, text_spans in zip(encoded["input_ids"], encoded["offset_mapping"], spans):
+                ids = np.asarray(ids, dtype=np.int32)
+                trained = np.asarray(label_tokens(offsets, text_spans), dtype=bool)
+                out.append((ids, np.where(trained, ids, IGNORE_INDEX).astype(np.int32)))
+            return out
+        out = []
+        for encoding, text_spans in zip(self._backend.encode_batch(texts, add_special_tokens=False), spans):
+            ids = np.asarray(encoding.ids, dtype=np.int32)
+            labels = np.full(len(ids), IGNORE_INDEX, dtype=np.int32)
+            ranges = [_token_range(encoding, start, end) for start, end in text_spans]
+            if any(r is None for r in ranges):  # a span edge on a character no token covers: use the offsets
+                trained = np.asarray(label_tokens(encoding.offsets, text_spans), dtype=bool)
+                labels[trained] = ids[trained]
+            else:
+                for first, last in ranges:
+                    labels[first:last] = ids[first:last]
+            out.append((ids, labels))
+        return out
+
+
+def _token_range(encoding: Any, start: int, end: int) -> tuple[int, int] | None:
+    """``[first, last)``: every token whose characters overlap ``[start, end)``, as :func:`label_tokens` decides."""
+    first, last = encoding.char_to_token(start), encoding.char_to_token(end - 1)
+    if first is None or last is None:
+        return None
+    # Byte-level tokenizers can split one character over several tokens: take all that touch the span.
+    while first > 0 and (chars := encoding.token_to_chars(first - 1)) is not None and chars[1] > start:
+        first -= 1
+    while last + 1 < len(encoding.ids) and (chars := encoding.token_to_chars(last + 1)) is not None \
+            and chars[0] < end:
+        last += 1
+    return first, last + 1
+
+
+# ------------------------------------------------------------------------------------------------ worker processes
+
+_worker_encoder: ConversationEncoder | None = None
+
+
+def _start_worker(encoder: ConversationEncoder) -> None:
+    global _worker_encoder
+    _worker_encoder = encoder
+
+
+def _encode_in_worker(conversations: list) -> EncodedBatch:
+    assert _worker_encoder is not None
+    return _worker_encoder.encode(conversations)
+
+
+def encode_batches(encoder: ConversationEncoder, batches: Iterable[list], num_proc: int = 1
+                   ) -> Iterator[EncodedBatch]:
+    """Encode each batch of conversations, in order; with ``num_proc`` > 1 in that many worker processes.
+
+    At most two batches per worker are in flight, so a fast reader never piles up conversations in memory.
+    Workers are started with "spawn": the caller may hold threads (gloo, OpenMP) that a fork would copy mid-state.
+    """
+    if num_proc <= 1:
+        for batch in batches:
+            yield encoder.encode(batch)
+        return
+    context = multiprocessing.get_context("spawn")
+    with concurrent.futures.ProcessPoolExecutor(num_proc, mp_context=context, initializer=_start_worker,
+                                                initargs=(encoder,)) as pool:
+        pending: collections.deque = collections.deque()
+        for batch in batches:
+            pending.append(pool.submit(_encode_in_worker, batch))
+            if len(pending) >= 2 * num_proc:
+                yield pending.popleft().result()
+        while pending:
+            yield pending.popleft().result()
