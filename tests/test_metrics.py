@@ -13,8 +13,8 @@ from trainer.metrics import (
     compute_metrics,
     contains_cjk,
     lcs_length,
-    markdown_table,
     match_label,
+    metrics_table,
     normalize_text,
     plot_confusion_matrix,
     resolve_metric_names,
@@ -218,14 +218,14 @@ def test_bad_requests_are_clear_errors():
 def test_markdown_table_before_after_delta():
     before = {"rouge_l": 0.1, "accuracy": 0.5}
     after = {"rouge_l": 0.35, "accuracy": 0.25, "bleu4": 0.2}
-    assert markdown_table(side_by_side(before=before, after=after)).splitlines() == [
+    assert metrics_table(side_by_side(before=before, after=after)).splitlines() == [
         "| metric | before | after | delta |",
         "|---|---|---|---|",
         "| rouge_l | 0.1000 | 0.3500 | +0.2500 |",
         "| accuracy | 0.5000 | 0.2500 | -0.2500 |",
         "| bleu4 | n/a | 0.2000 | n/a |",
     ]
-    assert markdown_table({"a|b": 1 / 3, "n": 7}, digits=2).splitlines() == [
+    assert metrics_table({"a|b": 1 / 3, "n": 7}, digits=2).splitlines() == [
         "| metric | value |", "|---|---|", "| a\\|b | 0.33 |", "| n | 7 |"]
 
 

@@ -28,6 +28,7 @@ import torch
 from transformers import AutoModelForCausalLM, GenerationConfig, PreTrainedModel, PreTrainedTokenizerBase
 from transformers.trainer_utils import set_seed
 
+from trainer import markdown
 from trainer.checkpoints import complete_checkpoints
 from trainer.data.formats import DataError, iter_records
 from trainer.data.prompts import Prompt, read_prompts, to_prompt
@@ -36,7 +37,6 @@ from trainer.inference import InferenceLoadError, adapter_base, is_adapter, is_m
 from trainer.merge import DTYPES, stop_token_ids
 from trainer.model import ModelSetupError, resize_for_tokenizer
 from trainer.run_config import read_run_config
-from trainer.samples import markdown_table
 from trainer.sampling import default_generation_config, generate_replies
 
 logger = logging.getLogger("generate")
@@ -161,7 +161,7 @@ def comparison_table(items: list[Item], base: list[str], tuned: list[str], base_
     rows = [[str(i + 1), item.prompt.text, base[i], tuned[i], *([item.prompt.reference] if has_reference else [])]
             for i, item in enumerate(items)]
     lines = ["# Before / after fine-tuning", "", f"- before: `{base_name}`", f"- after: `{tuned_name}`", "",
-             *markdown_table(header, rows)]
+             *markdown.table(header, rows)]
     return "\n".join(lines) + "\n"
 
 
@@ -175,15 +175,8 @@ def stdin_prompts(stream: Iterable[str], system: str | None) -> Iterable[Item]:
 # ------------------------------------------------------------------ command line
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="trainer/generate.py",
-        description="Generate with a fine-tuned model using its training chat template. Without --input_file or "
-        "--prompt, reads one user message per line from stdin (interactive, or a pipe) and prints one reply per "
-        "message. With --input_file, answers every record of a .json/.jsonl file (alpaca, sharegpt or messages) "
-        "and writes results.txt-style lines plus a .jsonl. With --compare, the base model answers the same "
-        "prompts first and a markdown before/after table is written.",
-    )
+def add_model_options(parser: argparse.ArgumentParser) -> None:
+    """Which model answers (shared with ``evaluate.py``)."""
     which = parser.add_argument_group("model")
     which.add_argument("--model", required=True,
                        help="Model folder, adapter folder, or a training run's output_dir.")
@@ -201,21 +194,13 @@ def build_parser() -> argparse.ArgumentParser:
                        help="Weights dtype. auto = as saved.")
     which.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if available).")
 
-    io = parser.add_argument_group("prompts and outputs")
-    io.add_argument("--input_file", default=None, type=Path,
-                    help="Prompts: .json/.jsonl records (e.g. Tang_testing_data.json); answers are kept as references.")
-    io.add_argument("--output_file", default=None, type=Path,
-                    help="results.txt: lines 'N. <input><prediction>' plus results.jsonl beside it; with --compare "
-                    "also results_compare.md. Without it, replies go to stdout.")
-    io.add_argument("--prompt", action="append", default=None,
-                    help="A user message to answer (repeatable), instead of --input_file or stdin.")
-    io.add_argument("--max_prompts", type=int, default=None, help="Use only the first N prompts of --input_file.")
-    io.add_argument("--system", default=None,
-                    help="System prompt for prompts that have none (default: the one training used, from the run's "
-                    "run_config.json).")
 
+def add_generation_options(parser: argparse.ArgumentParser) -> None:
+    """How replies are generated (transformers GenerationConfig; shared with ``evaluate.py``)."""
     gen = parser.add_argument_group("generation (transformers GenerationConfig)")
     gen.add_argument("--max_new_tokens", type=int, default=128, help="Longest reply in tokens.")
+    gen.add_argument("--batch_size", type=int, default=16,
+                     help="Prompts generated together (left-padded, similar lengths batched together).")
     gen.add_argument("--do_sample", action=argparse.BooleanOptionalAction, default=None,
                      help="Sample instead of greedy/beam decoding. Default: on when --temperature, --top_p or --top_k "
                      "is given, else off.")
@@ -228,6 +213,31 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--num_beams", type=int, default=None, help="Beam search width (1 = none).")
     gen.add_argument("--seed", type=int, default=42,
                      help="Seed set before each model generates, so sampled runs repeat and compare fairly.")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="trainer/generate.py",
+        description="Generate with a fine-tuned model using its training chat template. Without --input_file or "
+        "--prompt, reads one user message per line from stdin (interactive, or a pipe) and prints one reply per "
+        "message. With --input_file, answers every record of a .json/.jsonl file (alpaca, sharegpt or messages) "
+        "and writes results.txt-style lines plus a .jsonl. With --compare, the base model answers the same "
+        "prompts first and a markdown before/after table is written. To score replies, see trainer/evaluate.py.",
+    )
+    add_model_options(parser)
+    io = parser.add_argument_group("prompts and outputs")
+    io.add_argument("--input_file", default=None, type=Path,
+                    help="Prompts: .json/.jsonl records (e.g. Tang_testing_data.json); answers are kept as references.")
+    io.add_argument("--output_file", default=None, type=Path,
+                    help="results.txt: lines 'N. <input><prediction>' plus results.jsonl beside it; with --compare "
+                    "also results_compare.md. Without it, replies go to stdout.")
+    io.add_argument("--prompt", action="append", default=None,
+                    help="A user message to answer (repeatable), instead of --input_file or stdin.")
+    io.add_argument("--max_prompts", type=int, default=None, help="Use only the first N prompts of --input_file.")
+    io.add_argument("--system", default=None,
+                    help="System prompt for prompts that have none (default: the one training used, from the run's "
+                    "run_config.json).")
+    add_generation_options(parser)
     return parser
 
 
@@ -262,7 +272,8 @@ class Generator:
 
     def answer(self, model: PreTrainedModel, items: list[Item]) -> list[str]:
         set_seed(self.args.seed)
-        return generate_replies(model, self.tokenizer, [i.prompt for i in items], self.config, self.stop_ids)
+        return generate_replies(model, self.tokenizer, [i.prompt for i in items], self.config, self.stop_ids,
+                                batch_size=self.args.batch_size)
 
     def run_file(self, items: list[Item]) -> int:
         base = self.answer(self.base, items) if self.base is not None else None

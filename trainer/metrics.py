@@ -27,6 +27,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from trainer import markdown
+
 NO_LABEL = "(none)"  # the confusion matrix's column for predictions that name no label
 
 # ------------------------------------------------------------------ text rules
@@ -369,7 +371,7 @@ def side_by_side(**columns: Mapping[str, float]) -> dict[str, dict[str, float | 
     return {name: {col: values.get(name) for col, values in columns.items()} for name in names}
 
 
-def markdown_table(
+def metrics_table(
     rows: Mapping[str, float | int | None | Mapping[str, float | int | None]],
     digits: int = 4,
     first_header: str = "metric",
@@ -380,29 +382,29 @@ def markdown_table(
     ``delta`` column (after - before, signed) is added. Floats get ``digits`` decimals, ints stay ints, a missing
     value is ``n/a``; pipes and newlines in names are escaped so each row stays one row.
     """
-    table = {name: value if isinstance(value, Mapping) else {"value": value} for name, value in rows.items()}
-    columns = list(dict.fromkeys(col for values in table.values() for col in values))
+    table_rows = {name: value if isinstance(value, Mapping) else {"value": value} for name, value in rows.items()}
+    columns = list(dict.fromkeys(col for values in table_rows.values() for col in values))
     add_delta = "before" in columns and "after" in columns and "delta" not in columns
 
-    def cell(value: Any, signed: bool = False) -> str:
+    def number(value: Any, signed: bool = False) -> str:
         if value is None:
             return "n/a"
         if isinstance(value, int) and not isinstance(value, bool):
             return f"{value:+d}" if signed else str(value)
         if isinstance(value, float):
             return f"{value:+.{digits}f}" if signed else f"{value:.{digits}f}"
-        return str(value).replace("|", "\\|").replace("\n", "<br>")
+        return str(value)
 
     header = [first_header, *columns, *(["delta"] if add_delta else [])]
-    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    for name, values in table.items():
-        cells = [cell(name), *(cell(values.get(col)) for col in columns)]
+    rows_out = []
+    for name, values in table_rows.items():
+        cells = [name, *(number(values.get(col)) for col in columns)]
         if add_delta:
             before, after = values.get("before"), values.get("after")
             both = isinstance(before, (int, float)) and isinstance(after, (int, float))
-            cells.append(cell(after - before, signed=True) if both else "n/a")
-        lines.append("| " + " | ".join(cells) + " |")
-    return "\n".join(lines)
+            cells.append(number(after - before, signed=True) if both else "n/a")
+        rows_out.append(cells)
+    return "\n".join(markdown.table(header, rows_out))
 
 
 # Fonts with CJK glyphs, tried in order when a label needs one; without any, CJK labels render as boxes.

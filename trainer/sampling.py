@@ -35,23 +35,41 @@ def generate_replies(
     prompts: list[Prompt],
     generation_config: GenerationConfig,
     stop_token_ids: list[int] | None = None,
+    batch_size: int = 16,
+    synced_gpus: bool = False,
 ) -> list[str]:
+    """The model's reply to each prompt, generated ``batch_size`` prompts at a time.
+
+    Batches are left-padded (the attention mask hides the padding, and transformers derives position ids from it),
+    and prompts of similar length go together to waste little padding; replies come back in the prompts' order.
+    Each reply stops at the first stop token (the end-of-turn token training labelled). ``synced_gpus``: under
+    ZeRO-3 every rank must keep running forwards until all ranks are done (parameters are gathered collectively).
+    """
     was_training = model.training
     model.eval()
     device = next(model.parameters()).device
     config = GenerationConfig(**generation_config.to_dict())
     if stop_token_ids:
         config.eos_token_id = stop_token_ids
-    # The KV cache is right here: one unpacked sequence, so it cannot break the isolation packing relies on.
+    # The KV cache is right here: unpacked sequences, so it cannot break the isolation packing relies on.
     config.use_cache = True
-    replies = []
+    texts = [tokenizer.apply_chat_template(p.messages, add_generation_prompt=True, tokenize=False) for p in prompts]
+    # The template writes its own BOS where it wants one: tokenise as apply_chat_template(tokenize=True) does.
+    lengths = [len(tokenizer(t, add_special_tokens=False)["input_ids"]) for t in texts]
+    order = sorted(range(len(texts)), key=lambda i: lengths[i])
+    replies: list[str | None] = [None] * len(texts)
+    padding_side = tokenizer.padding_side
+    tokenizer.padding_side = "left"
     try:
-        for prompt in prompts:
-            ids = tokenizer.apply_chat_template(
-                prompt.messages, add_generation_prompt=True, return_tensors="pt", return_dict=True
-            )["input_ids"].to(device)
-            output = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), generation_config=config)
-            replies.append(tokenizer.decode(output[0, ids.shape[1]:], skip_special_tokens=True).strip())
+        for first in range(0, len(order), batch_size):
+            chunk = order[first : first + batch_size]
+            batch = tokenizer([texts[i] for i in chunk], add_special_tokens=False, padding=True,
+                              return_tensors="pt").to(device)
+            output = model.generate(**batch, generation_config=config, synced_gpus=synced_gpus)
+            for row, i in enumerate(chunk):
+                replies[i] = tokenizer.decode(output[row, batch["input_ids"].shape[1]:],
+                                              skip_special_tokens=True).strip()
     finally:
+        tokenizer.padding_side = padding_side
         model.train(was_training)
     return replies

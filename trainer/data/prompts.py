@@ -9,7 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from trainer.data.formats import Conversation, read_conversations, with_system
+from trainer.data.formats import Conversation, DataError, read_conversations, with_system
 
 
 @dataclass
@@ -34,3 +34,27 @@ def read_prompts(path: str | Path, system: str | None = None, limit: int | None 
     """Prompts from a file in any training format; bad records are named by file and line as for training."""
     conversations = read_conversations(path, prompts=True).conversations
     return [to_prompt(c, system) for c in (conversations[:limit] if limit else conversations)]
+
+
+def read_references(path: str | Path, count: int) -> list[str]:
+    """References aligned with ``count`` prompts: one per line, or (a file with blank lines) one per block."""
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8-sig")
+    except FileNotFoundError:
+        raise DataError(f"{path}:1: references file not found") from None
+    except UnicodeDecodeError as error:
+        raise DataError(f"{path}: not valid UTF-8 ({error.reason} at byte {error.start})") from None
+    lines = text.strip("\n").split("\n")
+    blocks = [b.strip() for b in text.strip().split("\n\n")] if "\n\n" in text.strip() else None
+    for found in (lines, blocks):
+        if found is not None and len(found) == count:
+            return found
+    blocks_note = f" / {len(blocks)} blocks" if blocks else ""
+    raise DataError(f"{path}: {len(lines)} lines{blocks_note} for {count} prompts; give one reference per prompt")
+
+
+def with_references(prompts: list[Prompt], path: str | Path) -> list[Prompt]:
+    """``prompts`` with the references of ``path`` (in order), replacing any they had."""
+    references = read_references(path, len(prompts))
+    return [Prompt(p.messages, reference) for p, reference in zip(prompts, references)]
