@@ -15,6 +15,8 @@ import torch
 import yaml
 from transformers import HfArgumentParser, TrainingArguments
 
+from trainer.metrics import resolve_metric_names
+
 REPO_ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_RECIPE = REPO_ROOT / "recipes" / "tiny_tang.yaml"
 
@@ -138,7 +140,25 @@ class DataArguments:
         },
     )
     num_sample_prompts: int = field(default=3, metadata={"help": "How many sample prompts to generate for."})
+    sample_references: str | None = field(
+        default=None,
+        metadata={
+            "help": "References for the sample prompts (one per line, or blocks separated by blank lines), so "
+            "the before/after samples are scored with --eval_metrics. 'auto': a registered test split's own."
+        },
+    )
     sample_max_new_tokens: int = field(default=64, metadata={"help": "Tokens generated per sample prompt."})
+    eval_generate: int = field(
+        default=0,
+        metadata={
+            "help": "At each evaluation, generate for the first N evaluation prompts and score the replies with "
+            "--eval_metrics (logged as eval_<metric>, and in SwanLab with the predictions)."
+        },
+    )
+    eval_metrics: str = field(
+        default="exact_match,rouge_l,bleu4,chrf",
+        metadata={"help": "Comma list of exact_match, accuracy, rouge_l, bleu4, chrf (see trainer/metrics.py)."},
+    )
 
 
 @dataclass
@@ -332,3 +352,7 @@ def _check_choices(model: ModelArguments, data: DataArguments, finetune: Finetun
         raise ConfigError(f"--max_length {data.max_length}: must be at least 2")
     if data.preview < 0:
         raise ConfigError(f"--preview {data.preview}: a number of examples, 0 or more")
+    try:
+        resolve_metric_names(data.eval_metrics)
+    except ValueError as error:
+        raise ConfigError(f"--eval_metrics: {error}") from None

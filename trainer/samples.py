@@ -15,40 +15,51 @@ from pathlib import Path
 from transformers import TrainerCallback
 from transformers.integrations import is_deepspeed_zero3_enabled
 
-from trainer.data.prompts import Prompt, read_prompts
-from trainer.data.registry import has_split, registered_names, resolve_dataset
+from trainer import markdown
+from trainer.data.prompts import Prompt, read_prompts, with_references
+from trainer.data.registry import has_split, registered_names, resolve_dataset, resolve_references
+from trainer.metrics import compute_metrics, metrics_table, side_by_side
 from trainer.sampling import default_generation_config, generate_replies
 
 logger = logging.getLogger(__name__)
 
 
 def load_sample_prompts(cfg) -> list[Prompt]:
-    """``--sample_prompts``: a file, ``none``, or ``auto`` = the test split of the registered training data."""
+    """``--sample_prompts``: a file, ``none``, or ``auto`` = the test split of the registered training data.
+
+    References come from the prompt records' answers, from ``--sample_references``, or (``auto``) from the
+    references registered with the test split, where found.
+    """
     spec, limit, system = cfg.data.sample_prompts, cfg.data.num_sample_prompts, cfg.data.system
+    references = cfg.data.sample_references
     if not spec or spec == "none" or limit <= 0:
         return []
     if spec != "auto":
-        return read_prompts(spec, system, limit)
-    names = set(registered_names())
-    for item in (s.strip() for s in cfg.data.dataset.split(",")):
-        if item in names and has_split(item, "test"):
-            (path,) = resolve_dataset(item, split="test", data_dir=cfg.data.data_dir)
-            return read_prompts(path, system, limit)
-    return []
-
-
-def markdown_table(header: list[str], rows: list[list[str | None]]) -> list[str]:
-    """The lines of a markdown table; pipes and newlines in generated text are escaped so each row stays one row."""
-
-    def cell(text: str | None) -> str:
-        return (text or "").replace("|", "\\|").replace("\n", "<br>")
-
-    return ["| " + " | ".join(header) + " |", "|" + "---|" * len(header),
-            *("| " + " | ".join(cell(c) for c in row) + " |" for row in rows)]
+        prompts = read_prompts(spec, system)
+    else:
+        names = set(registered_names())
+        registered = next((item for item in (s.strip().rsplit(":", 1)[0] for s in cfg.data.dataset.split(","))
+                           if item in names and has_split(item, "test")), None)
+        if registered is None:
+            return []
+        (path,) = resolve_dataset(registered, split="test", data_dir=cfg.data.data_dir)
+        prompts = read_prompts(path, system)
+        if references == "auto":
+            references = resolve_references(registered, "test", cfg.data.data_dir)
+            if references is None:
+                logger.info("samples of %s: no local copy of the test references; samples are not scored",
+                            registered)
+    if references and references != "auto":
+        prompts = with_references(prompts, references)
+    return prompts[:limit]
 
 
 class SampleRecorder:
-    def __init__(self, prompts: list[Prompt], tokenizer, stop_ids: list[int], max_new_tokens: int) -> None:
+    """Replies to the sample prompts before training, at each evaluation and after; scored with ``metrics`` when
+    every prompt has a reference (the Tang test poems and their ground truth)."""
+
+    def __init__(self, prompts: list[Prompt], tokenizer, stop_ids: list[int], max_new_tokens: int,
+                 metrics: str | None = None) -> None:
         self.prompts = prompts
         self.tokenizer = tokenizer
         self.stop_ids = stop_ids
@@ -56,6 +67,8 @@ class SampleRecorder:
         self.config = default_generation_config(tokenizer, max_new_tokens, no_repeat_ngram_size=3)
         self.replies: dict[str, list[str]] = {}
         self.latest: tuple[str, list[str]] | None = None
+        self.metrics = metrics if prompts and all(p.reference for p in prompts) else None
+        self.scores: dict[str, dict[str, float]] = {}  # stage -> metric values
 
     def can_generate(self) -> bool:
         return bool(self.prompts) and not is_deepspeed_zero3_enabled()
@@ -66,6 +79,10 @@ class SampleRecorder:
         self.latest = (stage, replies)
         for prompt, reply in zip(self.prompts, replies):
             logger.info("sample [%s] %s → %s", stage, prompt.text.replace("\n", " "), reply.replace("\n", " "))
+        if self.metrics:
+            self.scores[stage] = compute_metrics(self.metrics, replies, [p.reference for p in self.prompts]).values()
+            logger.info("samples [%s] scored: %s", stage, ", ".join(f"{k} {v:.4f}" for k, v in
+                                                                  self.scores[stage].items()))
         return replies
 
     def callbacks(self) -> list[TrainerCallback]:
@@ -85,9 +102,15 @@ class SampleRecorder:
         header = ["#", "prompt", *stages] + (["reference"] if has_reference else [])
         cells = [[str(i + 1), prompt.text, *(row[s] for s in stages), *([row["reference"]] if has_reference else [])]
                  for i, (prompt, row) in enumerate(zip(self.prompts, rows))]
-        lines = markdown_table(header, cells)
+        lines = markdown.table(header, cells)
+        scored = ""
+        if self.scores:
+            (folder / "samples_metrics.json").write_text(json.dumps(self.scores, indent=2), encoding="utf-8")
+            scored = (f"Scored against the references ({len(self.prompts)} prompts):\n\n"
+                      + metrics_table(side_by_side(**self.scores)) + "\n\n")
         path = folder / "samples.md"
-        path.write_text("# Samples: before and after fine-tuning\n\n" + "\n".join(lines) + "\n", encoding="utf-8")
+        path.write_text("# Samples: before and after fine-tuning\n\n" + scored + "\n".join(lines) + "\n",
+                        encoding="utf-8")
         return path
 
 

@@ -22,11 +22,13 @@ from transformers.trainer_utils import set_seed
 from trainer import outputs
 from trainer.args import Config, ConfigError, parse_config
 from trainer.batch import BatchSizeError, gradient_accumulation_for, world_size_from_env
+from trainer.callbacks.eval_generation import EvalGenerationCallback
 from trainer.callbacks.isolation import PackingIsolationCallback
 from trainer.callbacks.preemption import PREEMPTED_EXIT_CODE, PreemptionCallback
 from trainer.checkpoints import CheckpointError, MarkCompleteCallback, resolve_resume
 from trainer.data.formats import DataError
 from trainer.data.packing import PackedCollator, PaddedCollator, PaddingFreeCollator, install_isolation_guard
+from trainer.data.prompts import to_prompt
 from trainer.data.templates import TemplateError, end_of_turn_token_id
 from trainer.isolation import IsolationError
 from trainer.model import ModelSetupError, load_model, resize_for_tokenizer
@@ -34,6 +36,7 @@ from trainer.preparation import prepare, setup_data
 from trainer.preview import preview
 from trainer.run_config import write_run_config
 from trainer.samples import SampleRecorder, load_sample_prompts
+from trainer.sampling import default_generation_config
 from trainer.sft_trainer import SFTTrainer
 
 logger = logging.getLogger("sft")
@@ -131,6 +134,9 @@ def run(cfg: Config) -> int:
         write_run_config(cfg, data.report, world_size)
     if data.eval is None and args.eval_strategy != "no":
         raise ConfigError(f"--eval_strategy {args.eval_strategy} needs evaluation data: --val_size or --eval_dataset")
+    if cfg.data.eval_generate and (data.eval is None or args.eval_strategy == "no"):
+        raise ConfigError("--eval_generate scores generations at each evaluation: it needs evaluation data "
+                          "(--val_size or --eval_dataset) and --eval_strategy steps or epoch")
     tokenizer, template = setup.tokenizer, setup.template
 
     model = load_model(setup.model_path, finetuning_type=cfg.finetune.finetuning_type,
@@ -149,7 +155,8 @@ def run(cfg: Config) -> int:
     logger.info("model %s: attention %s, dtype %s, %s fine-tuning", cfg.model.model_name_or_path,
                 model.config._attn_implementation, model.dtype, cfg.finetune.finetuning_type)
 
-    samples = SampleRecorder(load_sample_prompts(cfg), tokenizer, stop_ids, cfg.data.sample_max_new_tokens)
+    samples = SampleRecorder(load_sample_prompts(cfg), tokenizer, stop_ids, cfg.data.sample_max_new_tokens,
+                             cfg.data.eval_metrics)
     if args.process_index == 0 and not resume and samples.can_generate():
         samples.record("before", model)
 
@@ -159,17 +166,25 @@ def run(cfg: Config) -> int:
     if cfg.data.packing or cfg.data.padding_free:
         install_isolation_guard(model)
         callbacks.append(PackingIsolationCallback(collator, cfg.data.packing, len(tokenizer)))
+    generations = None
+    if cfg.data.eval_generate:
+        prompts = [to_prompt(c) for c in data.eval_conversations(cfg.data.eval_generate)]
+        config = default_generation_config(tokenizer, cfg.data.sample_max_new_tokens)
+        generations = EvalGenerationCallback(prompts, tokenizer, config, stop_ids, cfg.data.eval_metrics)
+        callbacks.append(generations)
     if "swanlab" in (args.report_to or []):
         from trainer.callbacks.swanlab import make_swanlab_callback
 
         args.report_to = [r for r in args.report_to if r != "swanlab"]
-        callbacks.append(make_swanlab_callback(cfg, data.report, world_size, samples))
+        callbacks.append(make_swanlab_callback(cfg, data.report, world_size, samples, generations))
 
     logger.info("batches: %s %s", type(collator).__name__, vars(collator) if hasattr(collator, "__dict__") else "")
     trainer = SFTTrainer(
         model=model, args=args, train_dataset=data.train, eval_dataset=data.eval, data_collator=collator,
         processing_class=tokenizer, callbacks=callbacks,
     )
+    if generations is not None:
+        generations.trainer = trainer
     result = trainer.train(resume_from_checkpoint=resume)
     if preemption.preempted:
         logger.warning("preempted: checkpoint saved in %s; resume with --resume_from_checkpoint latest",

@@ -34,6 +34,7 @@ from trainer.run_config import known_secrets, resolved_config, scrub
 
 if TYPE_CHECKING:
     from trainer.args import Config
+    from trainer.callbacks.eval_generation import EvalGenerationCallback
     from trainer.data.build import DataReport
     from trainer.samples import SampleRecorder
 
@@ -79,10 +80,13 @@ class SFTSwanLabCallback(SwanLabCallback):
     ``sft.py`` once training has returned, so they land in the same run.
     """
 
-    def __init__(self, config: dict[str, Any], samples: SampleRecorder | None = None, **init_kwargs: Any) -> None:
+    def __init__(self, config: dict[str, Any], samples: SampleRecorder | None = None,
+                 generations: EvalGenerationCallback | None = None, **init_kwargs: Any) -> None:
         super().__init__(log_config=False, **init_kwargs)
         self._config = config
         self._samples = samples
+        self._generations = generations
+        self._generations_logged: int | None = None
         self._logged_stages: set[str] = set()
         self._last_step = 0
         self._mode = init_kwargs.get("mode")
@@ -112,6 +116,20 @@ class SFTSwanLabCallback(SwanLabCallback):
     def on_log(self, args, state, control, model=None, logs=None, **kwargs) -> None:
         self._last_step = state.global_step
         super().on_log(args, state, control, model=model, logs=logs, **kwargs)
+        if _is_main(state):
+            self._log_new_generations()
+
+    def _log_new_generations(self) -> None:
+        """The predictions of the latest generation-based evaluation, as text beside its scores."""
+        latest = self._generations.latest if self._generations is not None else None
+        if latest is None or latest[0] == self._generations_logged:
+            return
+        step, replies = latest
+        self._generations_logged = step
+        secrets = known_secrets()
+        texts = [swanlab.Text(scrub(sample_text(prompt, reply), secrets), caption=f"step {step} #{i + 1}")
+                 for i, (prompt, reply) in enumerate(zip(self._generations.prompts, replies))]
+        swanlab.log({"eval/predictions": texts}, step=step)
 
     def on_evaluate(self, args, state, control, metrics=None, **kwargs) -> None:
         super().on_evaluate(args, state, control, metrics=metrics, **kwargs)
@@ -135,7 +153,9 @@ class SFTSwanLabCallback(SwanLabCallback):
                 swanlab.Text(scrub(sample_text(prompt, reply), secrets), caption=f"{stage} #{i + 1}")
                 for i, (prompt, reply) in enumerate(zip(self._samples.prompts, replies))
             ]
-            swanlab.log({key: texts}, step=step)
+            scores = {f"samples/{stage}_{name}": value for name, value in self._samples.scores.get(stage, {}).items()
+                      if stage in ("before", "after")}
+            swanlab.log({key: texts, **scores}, step=step)
 
     def _finish(self) -> None:
         """Log the samples made after training (if any) and close the run while the process is still whole."""
@@ -166,7 +186,8 @@ class _Disabled(TrainerCallback):
 
 
 def make_swanlab_callback(
-    cfg: Config, report: DataReport, world_size: int, samples: SampleRecorder | None = None
+    cfg: Config, report: DataReport, world_size: int, samples: SampleRecorder | None = None,
+    generations: EvalGenerationCallback | None = None,
 ) -> TrainerCallback:
     """The SwanLab callback for this job; only the world-zero process will ever start a run.
 
@@ -186,4 +207,5 @@ def make_swanlab_callback(
         init_kwargs["description"] = scrub(tracking.swanlab_description, known_secrets())
     # Every mode keeps its files with the output (cloud runs too: their local copy can be re-synced).
     init_kwargs["log_dir"] = str(Path(tracking.swanlab_logdir or Path(cfg.training.output_dir) / "swanlog"))
-    return SFTSwanLabCallback(resolved_config(cfg, report, world_size), samples=samples, **init_kwargs)
+    return SFTSwanLabCallback(resolved_config(cfg, report, world_size), samples=samples, generations=generations,
+                              **init_kwargs)

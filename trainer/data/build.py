@@ -49,6 +49,7 @@ EXAMPLE_SCHEMA = pa.schema([
     ("label_tokens", pa.int32()),
 ])
 UNPACKED_SCHEMA = pa.schema([("input_ids", pa.list_(pa.int32())), ("labels", pa.list_(pa.int32()))])
+EVAL_CONVERSATIONS = "eval_conversations.jsonl"  # the held-out conversations, for generating from their prompts
 
 
 @dataclass(frozen=True)
@@ -339,6 +340,8 @@ def build_prepared(
         eval_sets[name] = eval_index[source[eval_index] == i]
     for name, index in eval_sets.items():
         _write_examples(folder / f"{name}.arrow", table, index, options.packing, options.max_length, options.seed)
+    if len(eval_index):
+        _write_eval_conversations(folder / EVAL_CONVERSATIONS, sources, len(train_sources), held, options)
     report = DataReport(
         files=stats.files, skipped_records=stats.skipped, skipped_count=stats.skipped_count,
         conversations=stats.conversations, train_examples=len(train_index), eval_examples=len(eval_index),
@@ -355,6 +358,25 @@ def build_prepared(
                           "rows": stats_packing.rows, "examples_per_row": stats_packing.examples_per_row}
     (folder / "report.json").write_text(json.dumps(asdict(report), ensure_ascii=False, indent=2), encoding="utf-8")
     return report
+
+
+def _write_eval_conversations(path: Path, sources: list[Source], train_sources: int, held: np.ndarray,
+                              options: DataOptions) -> None:
+    """The evaluation conversations as messages (for generation-based evaluation), from a second pass over the
+    sources: cheap next to tokenising, and it keeps the first pass free of anything but what training needs."""
+    index = 0
+    with path.open("w", encoding="utf-8") as out:
+        for source_index, source in enumerate(sources):
+            is_train = source_index < train_sources
+            for stream in source.streams:
+                for line, conversation in ConversationReader(stream.where, stream.records(), options.on_bad_record):
+                    if is_train and options.max_samples is not None and index >= options.max_samples:
+                        break
+                    if not is_train or held[index]:
+                        row = {"source": source.key, "where": f"{stream.where}:{line}",
+                               "messages": with_system(conversation, options.system)}
+                        out.write(json.dumps(row, ensure_ascii=False) + "\n")
+                    index += is_train
 
 
 def _unique_keys(sources: list[Source]) -> list[str]:

@@ -24,13 +24,13 @@ from pathlib import Path
 import datasets
 from transformers import PreTrainedTokenizerBase
 
-from trainer.data.build import DataOptions, DataReport, build_prepared
+from trainer.data.build import EVAL_CONVERSATIONS, DataOptions, DataReport, build_prepared
 from trainer.data.sources import Source
 from trainer.once import build_once
 
 logger = logging.getLogger(__name__)
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 MANIFEST = "manifest.json"
 
 
@@ -41,6 +41,19 @@ class PreparedData:
     eval: datasets.Dataset | dict[str, datasets.Dataset] | None
     report: DataReport
     built_here: bool
+
+    def eval_conversations(self, limit: int | None = None) -> list[list[dict]]:
+        """The first ``limit`` evaluation conversations (messages), in data order; empty without eval data."""
+        path = self.folder / EVAL_CONVERSATIONS
+        if not path.is_file():
+            return []
+        out = []
+        with path.open(encoding="utf-8") as f:
+            for line in f:
+                if limit is not None and len(out) >= limit:
+                    break
+                out.append(json.loads(line)["messages"])
+        return out
 
 
 def tokenizer_fingerprint(tokenizer: PreTrainedTokenizerBase) -> str:

@@ -46,11 +46,22 @@ def load_registry(registry_file: str | Path | None = None) -> dict:
         if not isinstance(splits, dict) or not splits:
             raise DataError(f"dataset registry {path}: dataset {name!r} needs a non-empty 'splits' mapping")
         for split, source in splits.items():
-            if not isinstance(source, dict) or not isinstance(source.get("url"), str):
-                raise DataError(f"dataset registry {path}: {name}.{split} needs a 'url'")
-            if not _SHA256.fullmatch(str(source.get("sha256", ""))):
-                raise DataError(f"dataset registry {path}: {name}.{split} needs a 'sha256' of 64 lowercase hex digits")
+            if not isinstance(source, dict) or not any(isinstance(source.get(k), str) for k in ("url", "path")):
+                raise DataError(f"dataset registry {path}: {name}.{split} needs a 'url' (or a 'path' in the repo)")
+            _check_digest(path, f"{name}.{split}", source)
+            references = source.get("references")
+            if references is not None:
+                if not isinstance(references, dict) or not any(
+                        isinstance(references.get(k), str) for k in ("url", "path", "filename")):
+                    raise DataError(f"dataset registry {path}: {name}.{split}.references needs a 'url', 'path' or "
+                                    "'filename'")
+                _check_digest(path, f"{name}.{split}.references", references)
     return datasets
+
+
+def _check_digest(path: Path, where: str, source: dict) -> None:
+    if not _SHA256.fullmatch(str(source.get("sha256", ""))):
+        raise DataError(f"dataset registry {path}: {where} needs a 'sha256' of 64 lowercase hex digits")
 
 
 def registered_names(registry_file: str | Path | None = None) -> list[str]:
@@ -116,15 +127,39 @@ def _local_files(item: str, registry: dict) -> list[Path]:
 
 
 def _filename(source: dict) -> str:
-    return source.get("filename") or source["url"].rstrip("/").rsplit("/", 1)[-1]
+    return source.get("filename") or (source.get("url") or source["path"]).rstrip("/").rsplit("/", 1)[-1]
+
+
+def resolve_references(name: str, split: str, data_dir: str | Path | None = None,
+                       registry_file: str | Path | None = None) -> Path | None:
+    """The references file of a registered split (e.g. the Tang test set's ground truth), or None without one.
+
+    Found and verified like a split; one registered without a ``url`` is used only where a local copy is found.
+    """
+    source = _entry(name, load_registry(registry_file))["splits"].get(split, {}).get("references")
+    if source is None:
+        return None
+    local_dir = data_dir if data_dir is not None else os.environ.get(DATA_DIR_ENV) or None
+    return _locate(name, f"{split} references", source, Path(local_dir) if local_dir else None)
 
 
 def _fetch(name: str, split: str, registry: dict, local_dir: Path | None) -> Path:
     splits = _entry(name, registry)["splits"]
     if split not in splits:
         raise DataError(f"dataset {name!r} has no split {split!r}; it has: {', '.join(splits)}")
-    source = splits[split]
+    return _locate(name, split, splits[split], local_dir)
+
+
+def _locate(name: str, split: str, source: dict, local_dir: Path | None) -> Path | None:
+    """A registered file: shipped in the repo (``path``), a local copy, the cache, or a download; None when it has
+    no ``url`` and is nowhere local."""
     filename, expected = _filename(source), source["sha256"]
+    if "path" in source:  # shipped with the project (the offline demo set)
+        shipped = DEFAULT_REGISTRY.parent / source["path"]
+        if not shipped.is_file() or sha256_of(shipped) != expected:
+            raise DataError(f"dataset {name!r} ({split}): the shipped file {shipped} is missing or changed "
+                            f"(sha256 expected {expected})")
+        return shipped
     looked_in: list[Path] = []
 
     if local_dir is not None:
@@ -146,6 +181,8 @@ def _fetch(name: str, split: str, registry: dict, local_dir: Path | None) -> Pat
             return cached
         cached.unlink()  # stale or damaged: fetch it again rather than fail on a cache the user never touched
 
+    if "url" not in source:
+        return None
     _download(source["url"], cached, expected, name, split, filename, looked_in)
     return cached
 
