@@ -122,3 +122,33 @@ def test_resumed_in_a_later_epoch_on_two_processes_takes_that_epochs_order(tang_
     run_sft(*args(tang_slice, resumed, "adamw_torch", "full", *extra), "--resume_from_checkpoint",
             str(full / "checkpoint-4"), nproc=2, launch_config=ddp)
     assert relative_difference(weights(full), weights(resumed)) < 1e-7
+
+
+def _generations(out: Path) -> list[list[str]]:
+    import json
+
+    rows = [json.loads(line) for line in (out / "eval_generations.jsonl").read_text(encoding="utf-8").splitlines()]
+    return [[r["prediction"] for r in rows if r["step"] == step] for step in sorted({r["step"] for r in rows})]
+
+
+@pytest.mark.parametrize("launch", ["ddp", "zero3"])
+def test_generation_scores_at_evaluation_on_two_processes(launch, tang_slice, tmp_path):
+    """--eval_generate under DDP and ZeRO-3 (every rank generates its share, synced under ZeRO-3): the same
+    predictions and scores as one process, logged once."""
+    import json
+
+    extra = ("--val_size", "16", "--eval_strategy", "steps", "--eval_steps", "2", "--eval_generate", "5",
+             "--sample_max_new_tokens", "6", "--eval_metrics", "exact_match,rouge_l,chrf")
+    single, double = tmp_path / "single", tmp_path / "double"
+    run_sft(*args(tang_slice, single, "adamw_torch", "full", *extra))
+    result = run_sft(*args(tang_slice, double, "adamw_torch", "full", *extra), nproc=2,
+                     launch_config=str(REPO / LAUNCH[launch]))
+    assert "world size 2" in result.stderr
+    assert _generations(double) == _generations(single) and len(_generations(single)) == 2
+    assert all(len(predictions) == 5 for predictions in _generations(double))
+    history = json.loads((double / "trainer_state.json").read_text())["log_history"]
+    scored = [h for h in history if "eval_rouge_l" in h]
+    reference = [h for h in json.loads((single / "trainer_state.json").read_text())["log_history"]
+                 if "eval_rouge_l" in h]
+    assert [h["step"] for h in scored] == [h["step"] for h in reference] == [2, 3]  # logged once per evaluation
+    assert [h["eval_chrf"] for h in scored] == [h["eval_chrf"] for h in reference]
