@@ -105,7 +105,11 @@ def prepare_data(
         report = build_prepared(folder, train_sources, eval_sources, tokenizer, template, options,
                                 num_proc=num_proc, show_progress=show_progress, progress=progress)
         files = sorted(p.name for p in folder.glob("*.arrow"))
-        manifest = {"key": key, "inputs": inputs, "files": files, "report": asdict(report)}
+        packing = report.packing or {}
+        manifest = {"key": key, "train_examples": report.train_examples, "eval_examples": report.eval_examples,
+                    "tokens": report.tokens, "label_tokens": report.label_tokens, "rows": packing.get("rows"),
+                    "efficiency": packing.get("efficiency"), "files": files, "inputs": inputs,
+                    "report": asdict(report)}
         (folder / MANIFEST).write_text(json.dumps(manifest, ensure_ascii=False, indent=2), encoding="utf-8")
 
     folder, built_here = build_once(root / key, build, is_complete, what="the prepared data")

@@ -39,7 +39,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from transformers import PreTrainedTokenizerBase
-from transformers.utils.chat_template_utils import render_jinja_template
+from transformers.utils.chat_template_utils import _compile_jinja_template, render_jinja_template
 
 IGNORE_INDEX = -100
 
@@ -118,11 +118,20 @@ class ChatRenderer:
                                            | {t.content for t in tokenizer.added_tokens_decoder.values()
                                               if t.special}, key=len, reverse=True))
         self.eos_token = tokenizer.eos_token
+        self._compiled = None
+        self._marks_checked = 0
 
     def render(self, messages: Sequence[Mapping[str, Any]], add_generation_prompt: bool = False) -> str:
-        rendered, _ = render_jinja_template(conversations=[list(messages)], chat_template=self.template,
-                                            add_generation_prompt=add_generation_prompt, **self.variables)
-        return rendered[0]
+        # transformers' own compiled template, called as render_jinja_template calls it, minus its per-call copy of
+        # every message into plain JSON types: validated conversations are plain JSON already (str role and
+        # content), and this is the hot loop of data preparation (tests compare with apply_chat_template).
+        if self._compiled is None:
+            self._compiled = _compile_jinja_template(self.template)
+        return self._compiled.render(messages=_with_reasoning_aliases(messages), tools=None, documents=None,
+                                     add_generation_prompt=add_generation_prompt, **self.variables)
+
+    def __getstate__(self) -> dict:  # a compiled template does not pickle: workers compile their own
+        return {**self.__dict__, "_compiled": None}
 
     def render_marked(self, messages: Sequence[Mapping[str, Any]]) -> tuple[str, list[tuple[int, int]]]:
         """The text and the character spans the template itself marks with ``{% generation %}``."""
@@ -166,7 +175,7 @@ class ChatRenderer:
             covered = [left[0]] if left[0] in alone else \
                 [i for i in left if i not in alone and text.startswith(through[i])]
             spans = tuple((len(before[i]), len(through[i].rstrip())) for i in reversed(covered))
-            if self.marks_generation and left[0] not in alone:
+            if self.marks_generation and left[0] not in alone and self._marks_checked < MARKS_CHECKED:
                 self._check_marks(messages[: left[0] + 1], text, spans, [before[i] for i in reversed(covered)])
             examples.append(Example(text, spans))
             left = [i for i in left if i not in covered]
@@ -217,6 +226,7 @@ class ChatRenderer:
 
     def _check_marks(self, messages: Sequence[Mapping[str, Any]], text: str, spans: tuple[tuple[int, int], ...],
                      prompts: list[str]) -> None:
+        self._marks_checked += 1
         marked_text, marked = self.render_marked(messages)
         ours = [text[a:b].strip() for a, b in spans]
         theirs = [marked_text[a:b].strip() for a, b in marked]
@@ -234,6 +244,18 @@ class ChatRenderer:
 
 
 REASONING_KEYS = ("reasoning_content", "thinking", "reasoning")
+# Conversations whose {% generation %} marks are checked against the inference rule, per renderer (every worker
+# checks its first ones): a template's marks either agree on every conversation or break on the first few.
+MARKS_CHECKED = 200
+
+
+def _with_reasoning_aliases(messages: Sequence[Mapping[str, Any]]) -> list:
+    """As transformers passes messages to templates: reasoning under every name a template may read it by."""
+    out = []
+    for message in messages:
+        reasoning = message.get("reasoning_content")
+        out.append(message if reasoning is None else {"thinking": reasoning, **message, "reasoning_content": reasoning})
+    return out
 
 
 def _closing_tag(opener: str) -> str | None:
