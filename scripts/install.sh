@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Set up .venv with torch and this project (tested versions from constraints.txt).
 #   bash scripts/install.sh          runtime
-#   bash scripts/install.sh --dev    + test tools (pytest, ruff) and the benchmark extra (trl)
+#   bash scripts/install.sh --dev    + test tools (pytest, ruff, shellcheck) and the benchmark extra (trl)
 # Environment:
 #   PYTHON=python3.11                interpreter for the venv (default python3)
 #   TORCH_INDEX_URL=URL              where torch comes from, e.g. https://download.pytorch.org/whl/cpu for a
@@ -23,4 +23,14 @@ then
   "${pip[@]}" install -q "torch==$torch_version" ${TORCH_INDEX_URL:+--index-url "$TORCH_INDEX_URL"}
 fi
 "${pip[@]}" install -q -c constraints.txt -e ".${extras:+[$extras]}"
+# The linter the tests of slurm/ and scripts/ use (skipped without it): Debian's package where we may install it.
+if [[ "${1:-}" == "--dev" ]] && ! command -v shellcheck >/dev/null; then
+  if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
+    (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends shellcheck) \
+      >/dev/null || echo "note: could not install shellcheck; the shell-script lint tests will be skipped" >&2
+  else
+    echo "note: shellcheck not found; install it (e.g. sudo apt-get install shellcheck) or the shell-script lint" \
+      "tests are skipped" >&2
+  fi
+fi
 echo "installed: $(.venv/bin/python -c 'import torch, transformers; print("torch", torch.__version__, "transformers", transformers.__version__)')"

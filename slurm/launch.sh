@@ -47,6 +47,8 @@
 #   MAX_REQUEUES       stop requeueing after this many restarts (default 100)
 #   RESEND_S           after a signal, repeat it to the step every RESEND_S seconds (default 30)
 #   SRUN_EXTRA_ARGS    extra srun options, split on whitespace (e.g. "--label")
+#   PREPARE            1 (default): run trainer/prepare.py with the trainer's arguments before srun, so the data is
+#                      tokenised and packed once, outside the distributed job; 0: leave it to the trainer
 #   OMP_NUM_THREADS    default: CPUs per task (or on the node) / processes per node, at least 1
 #   Exported when unset: NCCL_DEBUG=WARN, TORCH_NCCL_ASYNC_ERROR_HANDLING=1 (and the older
 #   NCCL_ASYNC_ERROR_HANDLING=1), TOKENIZERS_PARALLELISM=false, PYTHONUNBUFFERED=1. HF_HOME and the rest
@@ -180,6 +182,15 @@ on_signal() {
 }
 trap 'on_signal USR1' USR1
 trap 'on_signal TERM' TERM
+
+# --- Data: prepared once, before the distributed step ---------------------------------------------
+# Every rank would find (or wait for) the prepared folder by itself; preparing it here, in the batch shell, keeps a
+# long tokenisation out of the job's process group (no collective can time out on it) and stops a bad data file
+# before any node starts. The folder is content-addressed: a requeued run finds it at once. PREPARE=0 skips this.
+if [ "${PREPARE:-1}" = 1 ] && [ "$SFT_ENTRY" = trainer/sft.py ] && [ -z "$SIGNALLED" ]; then
+    log "preparing data: python3 trainer/prepare.py (same arguments as the trainer)"
+    python3 trainer/prepare.py "${TRAIN_ARGS[@]}" >&2 || die "data preparation failed (see above)"
+fi
 
 # The task shell ignores SIGUSR1 and the launcher inherits that: it keeps running while its workers
 # (which install their own handler) checkpoint. SLURM_NODEID is read per task, hence the inner shell.

@@ -93,15 +93,25 @@ CPU_JOB = ["--gpus-per-node=0", "--cpus-per-task=1", "--time=10"]
 
 
 @pytest.mark.parametrize(("nodes", "procs"), [(2, 1), (1, 2)], ids=["2nodes-x1", "1node-x2"])
-def test_tang_script_trains_on_the_cluster(nodes, procs, cluster, repo_copy, tang_slice):
+def test_tang_script_trains_on_the_cluster(nodes, procs, cluster, repo_copy, tang_slice, tmp_path):
+    # A cache nobody has filled: the built-in model and the data are made once, by the preparation step in the
+    # batch shell, and every rank of every node finds them complete (a rank-1 builder used to leave a model-less
+    # folder behind that broke every later run).
+    cache = tmp_path / "cache"
     job = submit(cluster, repo_copy, f"--nodes={nodes}", *CPU_JOB, "slurm/tang.sh",
-                 *trainer_flags(tang_slice, 4, 2), env={"PROCS_PER_NODE": str(procs)})
+                 *trainer_flags(tang_slice, 4, 2), env={"PROCS_PER_NODE": str(procs), "SFT_CACHE_DIR": str(cache)})
     state = wait_done(cluster, job, repo_copy)
     log = job_log(repo_copy, "tang", job)
     assert state == "COMPLETED", log[-5000:]
     assert "world size 2" in log
     if nodes == 2:
         assert "node rank 0" in log and "node rank 1" in log, log[-3000:]
+    assert "preparing data: python3 trainer/prepare.py" in log
+    prepared = [line for line in log.splitlines() if "prepared data:" in line]
+    assert sum("prepared here" in line for line in prepared) == 1, prepared  # by the preparation step
+    assert sum("found, memory-mapped" in line for line in prepared) == 2, prepared  # by both ranks
+    (model,) = (p for p in (cache / "models").iterdir() if p.is_dir())
+    assert (model / "model.safetensors").is_file() and (model / "config.json").is_file()
     out = repo_copy / "outputs" / f"tang-{job}"
     from transformers import AutoModelForCausalLM
 
