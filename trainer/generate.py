@@ -96,10 +96,14 @@ def load_base_for_comparison(spec: str, finetuned_path: Path, tokenizer: PreTrai
     token ids, rendered by the same (training) chat template. Returns the model and what it was loaded from.
     """
     if spec == "base":
-        if not is_adapter(finetuned_path):
-            raise GenerateError("--compare base: only an adapter records its base model; pass the base model's "
-                                "folder or hub id instead")
-        spec = adapter_base(finetuned_path)
+        recorded = (read_run_config(finetuned_path) or {}).get("base_model")
+        if is_adapter(finetuned_path):
+            spec = adapter_base(finetuned_path)
+        elif recorded:
+            spec = recorded  # the run's own record of its base (the folder a built-in model was built in)
+        else:
+            raise GenerateError("--compare base: neither an adapter nor a run folder recording its base model; pass "
+                                "the base model's folder or hub id instead")
     if is_adapter(spec):
         model, _ = load_for_inference(spec, dtype=dtype)
         return model, spec
@@ -186,8 +190,9 @@ def add_model_options(parser: argparse.ArgumentParser) -> None:
     which.add_argument("--base_model", default=None,
                        help="Base model for an adapter, instead of the one recorded in adapter_config.json.")
     which.add_argument("--compare", default=None, metavar="BASE",
-                       help="Before/after comparison against BASE: 'base' (an adapter's own base model), or a model "
-                       "folder / hub id. Both models see the same prompts, rendered by the fine-tuned tokenizer.")
+                       help="Before/after comparison against BASE: 'base' (the base model an adapter or a training run "
+                       "recorded), or a model folder / hub id. Both models see the same prompts, rendered by the "
+                       "fine-tuned tokenizer.")
     which.add_argument("--template", default="auto",
                        help="Chat template: auto (the one saved at training time) | chatml | llama2.")
     which.add_argument("--dtype", default="auto", choices=list(DTYPES),

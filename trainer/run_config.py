@@ -65,7 +65,8 @@ def versions() -> dict[str, str | None]:
     return found
 
 
-def resolved_config(cfg: Config, report: DataReport, world_size: int) -> dict[str, Any]:
+def resolved_config(cfg: Config, report: DataReport, world_size: int, base_model: str | None = None
+                    ) -> dict[str, Any]:
     """Everything needed to reproduce the run, as one nested mapping (not yet scrubbed)."""
     args = cfg.training
     global_batch = args.per_device_train_batch_size * world_size * args.gradient_accumulation_steps
@@ -81,6 +82,7 @@ def resolved_config(cfg: Config, report: DataReport, world_size: int) -> dict[st
         "finetune": asdict(cfg.finetune),
         "tracking": asdict(cfg.tracking),
         "training": args.to_dict(),
+        "base_model": base_model or cfg.model.model_name_or_path,  # the folder it resolved to (built-in models)
         "world_size": world_size,
         "global_batch_size": global_batch,
         "versions": versions(),
@@ -88,10 +90,10 @@ def resolved_config(cfg: Config, report: DataReport, world_size: int) -> dict[st
     }
 
 
-def write_run_config(cfg: Config, report: DataReport, world_size: int) -> Path:
+def write_run_config(cfg: Config, report: DataReport, world_size: int, base_model: str | None = None) -> Path:
     path = Path(cfg.training.output_dir) / RUN_CONFIG
     path.parent.mkdir(parents=True, exist_ok=True)
-    config = scrub(resolved_config(cfg, report, world_size), known_secrets())
+    config = scrub(resolved_config(cfg, report, world_size, base_model), known_secrets())
     path.write_text(json.dumps(config, ensure_ascii=False, indent=2), encoding="utf-8")
     return path
 

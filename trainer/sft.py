@@ -131,7 +131,7 @@ def run(cfg: Config) -> int:
     logger.info("%s", data.report.summary())
     if args.process_index == 0:
         data.report.write(args.output_dir)
-        write_run_config(cfg, data.report, world_size)
+        write_run_config(cfg, data.report, world_size, setup.model_path)
     if data.eval is None and args.eval_strategy != "no":
         raise ConfigError(f"--eval_strategy {args.eval_strategy} needs evaluation data: --val_size or --eval_dataset")
     if cfg.data.eval_generate and (data.eval is None or args.eval_strategy == "no"):
