@@ -21,16 +21,24 @@ class ModelSetupError(ValueError):
     pass
 
 
+# Flash attention packages by backend name: FA3 (Hopper) ships as flash_attn_interface, FA2 as flash_attn.
+FLASH_PACKAGES = {"flash_attention_3": "flash_attn_interface", "flash_attention_2": "flash_attn"}
+
+
 def choose_attention(requested: str) -> str:
-    """``auto`` → flash_attention_2 where it can run (flash_attn importable and CUDA present), else sdpa."""
-    has_flash = importlib.util.find_spec("flash_attn") is not None
+    """``auto`` → flash_attention_3 on a Hopper GPU where FA3 is installed, else flash_attention_2 where flash_attn is,
+    else sdpa. An explicit flash backend that cannot run here is an error, not a silent fallback."""
+    installed = {name: importlib.util.find_spec(package) is not None for name, package in FLASH_PACKAGES.items()}
+    cuda = torch.cuda.is_available()
     if requested == "auto":
-        return "flash_attention_2" if has_flash and torch.cuda.is_available() else "sdpa"
-    if requested == "flash_attention_2" and not has_flash:
-        raise ModelSetupError(f"--attn_implementation flash_attention_2: the flash_attn package is missing; "
-                              f"install it with {FLASH_ATTN_INSTALL}, or use sdpa")
-    if requested == "flash_attention_2" and not torch.cuda.is_available():
-        raise ModelSetupError("--attn_implementation flash_attention_2 needs a CUDA device; use sdpa on CPU")
+        if cuda and installed["flash_attention_3"] and torch.cuda.get_device_capability()[0] == 9:
+            return "flash_attention_3"
+        return "flash_attention_2" if cuda and installed["flash_attention_2"] else "sdpa"
+    if requested in FLASH_PACKAGES and not installed[requested]:
+        raise ModelSetupError(f"--attn_implementation {requested}: the {FLASH_PACKAGES[requested]} package is missing; "
+                              f"install it ({FLASH_ATTN_INSTALL} for flash_attention_2), or use sdpa")
+    if requested in FLASH_PACKAGES and not cuda:
+        raise ModelSetupError(f"--attn_implementation {requested} needs a CUDA device; use sdpa on CPU")
     return requested
 
 
