@@ -16,6 +16,7 @@ if __package__ in (None, ""):  # run as a script: import the package from the re
 import logging
 import os
 
+import torch
 import transformers
 from transformers.trainer_utils import set_seed
 
@@ -37,12 +38,12 @@ from trainer.preview import preview
 from trainer.run_config import write_run_config
 from trainer.samples import SampleRecorder, load_sample_prompts
 from trainer.sampling import default_generation_config
-from trainer.sft_trainer import SFTTrainer
+from trainer.sft_trainer import LossSetupError, SFTTrainer
 
 logger = logging.getLogger("sft")
 
 USER_ERRORS = (ConfigError, DataError, TemplateError, ModelSetupError, BatchSizeError, CheckpointError,
-               outputs.OutputDirError, IsolationError)
+               outputs.OutputDirError, IsolationError, LossSetupError)
 
 
 def setup_logging(cfg: Config) -> None:
@@ -113,6 +114,9 @@ def run(cfg: Config) -> int:
         setup = setup_data(cfg)
         preview(setup, cfg.data.preview, args.output_dir)
         return 0
+    if args.use_liger_kernel and not torch.cuda.is_available():
+        raise ConfigError("--use_liger_kernel: Liger's kernels are Triton programs for CUDA GPUs and cannot run on "
+                          "this machine; leave it off (or use --loss_impl chunked for the memory of the LM head)")
     world_size = world_size_from_env()
     apply_global_batch(cfg, world_size)
     resume = outputs.check_output_dir(args.output_dir, args.resume_from_checkpoint, cfg.finetune.overwrite_output_dir,
@@ -181,7 +185,8 @@ def run(cfg: Config) -> int:
     logger.info("batches: %s %s", type(collator).__name__, vars(collator) if hasattr(collator, "__dict__") else "")
     trainer = SFTTrainer(
         model=model, args=args, train_dataset=data.train, eval_dataset=data.eval, data_collator=collator,
-        processing_class=tokenizer, callbacks=callbacks,
+        processing_class=tokenizer, callbacks=callbacks, loss_impl=cfg.finetune.loss_impl,
+        tokens_per_micro_batch=args.per_device_train_batch_size * cfg.data.max_length,
     )
     if generations is not None:
         generations.trainer = trainer

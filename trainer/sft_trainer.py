@@ -21,6 +21,7 @@ from transformers import Trainer, TrainerCallback
 
 from trainer.batch import GlobalBatchSampler, with_empty_row
 from trainer.data.templates import IGNORE_INDEX
+from trainer.loss import CHUNKED_MIN_LOGITS, causal_lm_loss, chunked_lm_loss_unsupported
 
 logger = logging.getLogger("sft")
 
@@ -48,14 +49,44 @@ class _SamplerEpoch(TrainerCallback):
             sampler.set_epoch(state.global_step // (len(sampler) // sampler.global_batch_size))
 
 
+class LossSetupError(ValueError):
+    """``--loss_impl`` cannot be honoured for this model or with these options."""
+
+
 class SFTTrainer(Trainer):
-    def __init__(self, *args, **kwargs) -> None:
+    """The Trainer with full global batches, token accounting and ``--loss_impl`` (hf | chunked | auto)."""
+
+    def __init__(self, *args, loss_impl: str = "hf", tokens_per_micro_batch: int | None = None, **kwargs) -> None:
         super().__init__(*args, **kwargs)
         self._counts: torch.Tensor | None = None  # [tokens, label tokens] since the last log, on the device
         self._since: float | None = None  # set by the first training batch: model setup is not training time
         self.train_sampler: GlobalBatchSampler | None = None
         self._loader_with_empty_row = None  # the training loader's data set: the caller's rows + the empty row
         self.add_callback(_SamplerEpoch(self))
+        self.chunked_loss = self._decide_loss(loss_impl, tokens_per_micro_batch)
+
+    def _decide_loss(self, loss_impl: str, tokens_per_micro_batch: int | None) -> bool:
+        """Whether the run uses the chunked loss, decided once: every rank must take the same path at every
+        micro-batch (under ZeRO-3 each call of the LM head gathers its weights collectively)."""
+        if loss_impl == "hf":
+            return False
+        args = self.args
+        reason = chunked_lm_loss_unsupported(self.model)
+        if args.use_liger_kernel:
+            reason = "--use_liger_kernel brings its own fused linear + cross-entropy"
+        elif args.label_smoothing_factor > 0 or self.compute_loss_func is not None:
+            reason = "the loss is smoothed or user-defined (--label_smoothing_factor / compute_loss_func)"
+        elif args.n_gpu > 1:
+            reason = "single-process multi-GPU (DataParallel) runs the model once per replica"
+        if reason and loss_impl == "chunked":
+            raise LossSetupError(f"--loss_impl chunked: {reason}; use --loss_impl hf (or auto)")
+        vocab = self.model.config.get_text_config().vocab_size
+        tokens = tokens_per_micro_batch or 0
+        chunked = reason is None and (loss_impl == "chunked" or vocab * tokens >= CHUNKED_MIN_LOGITS)
+        why = reason or (f"vocabulary {vocab:,} x up to {tokens:,} tokens per micro-batch"
+                         + ("" if chunked or loss_impl == "chunked" else f" < {CHUNKED_MIN_LOGITS:,} logits"))
+        logger.info("loss: %s (%s)", "chunked LM head + cross-entropy" if chunked else "the model's own", why)
+        return chunked
 
     def get_train_dataloader(self):
         # The sampler completes the last global batch with an empty row appended for the data loader only: the
@@ -95,16 +126,28 @@ class SFTTrainer(Trainer):
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         if model.training:
-            if self._since is None:
-                self._since = time.perf_counter()
-            # Accumulated as device tensors: reading them back every micro-batch would stall the GPU.
-            mask = inputs.get("attention_mask")
-            real = mask.sum() if mask is not None and mask.dim() == 2 else inputs["input_ids"].numel()
-            labelled = (inputs["labels"] != IGNORE_INDEX).sum()
-            step = torch.stack([torch.as_tensor(real, device=labelled.device), labelled]).to(torch.float64)
-            self._counts = step if self._counts is None else self._counts + step
+            self._count_tokens(inputs)
+        # Evaluation asks for outputs; without compute_metrics it uses only the loss, so it is chunked too.
+        if self.chunked_loss and (not return_outputs or self.compute_metrics is None):
+            # As the Trainer's own loss: divided by the accumulated global label-token count when the model takes
+            # it, and scaled back by the number of processes that the gradient all-reduce averages over.
+            counted = self.model_accepts_loss_kwargs and num_items_in_batch is not None
+            loss = causal_lm_loss(model, inputs, num_items_in_batch if counted else None)
+            if counted and self.args.average_tokens_across_devices:
+                loss = loss * (self.accelerator.num_processes // self.get_tp_size())
+            return (loss, {"loss": loss}) if return_outputs else loss
         return super().compute_loss(model, inputs, return_outputs=return_outputs,
                                     num_items_in_batch=num_items_in_batch)
+
+    def _count_tokens(self, inputs) -> None:
+        if self._since is None:
+            self._since = time.perf_counter()
+        # Accumulated as device tensors: reading them back every micro-batch would stall the GPU.
+        mask = inputs.get("attention_mask")
+        real = mask.sum() if mask is not None and mask.dim() == 2 else inputs["input_ids"].numel()
+        labelled = (inputs["labels"] != IGNORE_INDEX).sum()
+        step = torch.stack([torch.as_tensor(real, device=labelled.device), labelled]).to(torch.float64)
+        self._counts = step if self._counts is None else self._counts + step
 
     def _throughput(self) -> dict[str, float]:
         counts = self._counts if self._counts is not None else torch.zeros(2, dtype=torch.float64)

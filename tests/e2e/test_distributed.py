@@ -83,6 +83,28 @@ def test_two_processes_match_one(launch, optim, ftype, single_process, tang_slic
         PeftModel.from_pretrained(base, out)
 
 
+@pytest.mark.parametrize(("launch", "optim", "ftype", "packing"),
+                         [("ddp", "adamw_torch", "full", "true"), ("zero3", "sgd", "lora", "true"),
+                          ("zero3", "adamw_torch", "full", "false")],
+                         ids=["ddp-adamw-full", "zero3-sgd-lora", "zero3-adamw-full-padded"])
+def test_two_processes_with_the_chunked_loss_match_one_with_the_models_own(launch, optim, ftype, packing,
+                                                                          single_process, tang_slice, tmp_path):
+    """--loss_impl chunked keeps the token normalisation across micro-batches and ranks: 2 processes with it end
+    with the weights of 1 process with the HF loss. Padded batches under ZeRO-3 give the ranks different label
+    counts per micro-batch (each call of the sharded head must still happen on every rank)."""
+    out = tmp_path / "out"
+    result = run_sft(*args(tang_slice, out, optim, ftype), "--loss_impl", "chunked", "--packing", packing,
+                     nproc=2, launch_config=str(REPO / LAUNCH[launch]))
+    assert "loss: chunked LM head + cross-entropy" in result.stderr
+    reference = single_process(optim, ftype) if packing == "true" else None
+    if reference is None:
+        reference_out = tmp_path / "reference"
+        run_sft(*args(tang_slice, reference_out, optim, ftype), "--packing", "false")
+        reference = weights(reference_out)
+    difference = relative_difference(reference, weights(out))
+    assert difference < 1e-5, f"{launch} {optim} {ftype} chunked: relative weight difference {difference:.2e}"
+
+
 def test_zero3_killed_and_resumed_equals_uninterrupted(tang_slice, tmp_path):
     import subprocess
 
