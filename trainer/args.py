@@ -115,7 +115,8 @@ class DataArguments:
     max_samples: int | None = field(default=None, metadata={"help": "Use only the first N training records."})
     preprocessing_num_workers: int | None = field(
         default=None,
-        metadata={"help": "Worker processes for tokenisation (default: up to 8 for data over 20 MB, else none)."},
+        metadata={"help": "Worker processes for tokenisation (default: for data over 20 MB on 4+ cores, one per core "
+                  "but one, at most 8; else none)."},
     )
     prepared_data_dir: str | None = field(
         default=None,
