@@ -27,6 +27,7 @@ import argparse
 import json
 import logging
 
+from trainer import markdown
 from trainer.data.formats import DataError
 from trainer.data.prompts import read_references
 from trainer.data.templates import TemplateError
@@ -121,11 +122,11 @@ def _report(args: argparse.Namespace, generator: Generator, items: list[Item], r
     header = ["#", "prompt", "reference", *(["before (base)"] if base else []), "prediction"]
     examples = [[str(i + 1), item.prompt.text, reference, *([base[i]] if base else []), tuned[i]]
                 for i, (item, reference) in enumerate(zip(items, references))]
-    markdown = [f"# Evaluation of `{generator.path}` on `{args.input_file}` ({len(items)} examples)", ""]
+    page = [f"# Evaluation of `{generator.path}` on `{args.input_file}` ({len(items)} examples)", ""]
     if base is not None:
-        markdown += [f"before: `{generator.base_name}`, after: `{generator.path}`", ""]
-    markdown += [table, "", *markdown.table(header, examples)]
-    metrics_file.with_suffix(".md").write_text("\n".join(markdown) + "\n", encoding="utf-8")
+        page += [f"before: `{generator.base_name}`, after: `{generator.path}`", ""]
+    page += [table, "", *markdown.table(header, examples)]
+    metrics_file.with_suffix(".md").write_text("\n".join(page) + "\n", encoding="utf-8")
     for result, suffix in ((scored, "confusion"), (base_scored, "confusion_base")):
         if result is not None and result.confusion is not None:
             plot_confusion_matrix(result.confusion, metrics_file.with_name(f"{metrics_file.stem}_{suffix}.png"))
