@@ -61,12 +61,15 @@ def plot_loss(log_history: list[dict], path: Path) -> Path | None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    train = [(h["step"], h["loss"]) for h in log_history if "loss" in h]
-    evaluation = [(h["step"], h["eval_loss"]) for h in log_history if "eval_loss" in h]
-    if not train and not evaluation:
+    curves: dict[str, list] = {"train loss": [(h["step"], h["loss"]) for h in log_history if "loss" in h]}
+    for h in log_history:  # eval_loss, or one eval_<source>_loss per source when the eval data has several
+        for key, value in h.items():
+            if key.startswith("eval_") and key.endswith("loss"):
+                curves.setdefault(key.removesuffix("_loss").replace("_", " ") + " loss", []).append((h["step"], value))
+    if not any(curves.values()):
         return None
     fig, ax = plt.subplots(figsize=(7, 4), dpi=100)
-    for points, label in ((train, "train loss"), (evaluation, "eval loss")):
+    for label, points in curves.items():
         if points:
             ax.plot(*zip(*points), marker="." if len(points) < 50 else None, label=label)
     ax.set_xlabel("optimizer step")

@@ -38,3 +38,25 @@ def test_two_processes_share_one_preparation(tang_slice, tmp_path):
     assert len(lines) == 2, lines
     assert sum("prepared here" in line for line in lines) == 1 and sum("found" in line for line in lines) == 1
     assert len([p for p in prepared.iterdir() if not p.name.endswith((".lock", ".progress"))]) == 1
+
+
+def test_mixed_sources_log_one_eval_loss_per_source(tang_records, tmp_path):
+    """Mixing by weight and per-source evaluation through the real entry point: the report says what the mixture
+    took from each source, and the Trainer logs one eval loss per eval source."""
+    import json
+
+    def jsonl(name, records):
+        path = tmp_path / name
+        path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records), encoding="utf-8")
+        return path
+
+    poems, more = jsonl("poems.jsonl", tang_records[:40]), jsonl("more.jsonl", tang_records[40:120])
+    out = tmp_path / "out"
+    run_sft(*options(f"{poems}:0.5,{more}:0.5", out, tmp_path / "prepared"), "--eval_dataset",
+            f"{jsonl('eval_a.jsonl', tang_records[200:208])},{jsonl('eval_b.jsonl', tang_records[300:306])}",
+            "--eval_strategy", "steps", "--eval_steps", "2")
+    report = json.loads((out / "data_report.json").read_text())
+    assert {s["name"].rsplit("/", 1)[-1]: s.get("mixed_examples") for s in report["sources"]
+            if s["role"] == "train"} == {"poems.jsonl": 40, "more.jsonl": 40}
+    history = json.loads((out / "trainer_state.json").read_text())["log_history"]
+    assert any("eval_eval_a_loss" in h for h in history) and any("eval_eval_b_loss" in h for h in history)

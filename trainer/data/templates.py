@@ -20,7 +20,12 @@ earlier turns in a context the model never sees at inference. Such a conversatio
     prefix of it (turn j itself at least); repeat with the latest turn left.
 
 which is one example for a prefix-consistent template and one per assistant turn for Qwen3-like ones, with the same
-number of renders (two per assistant turn) either way. Templates that mark replies with ``{% generation %}`` are
+number of renders (two per assistant turn) either way. Two published templates render a turn so that its prompt is
+*not* a prefix of it; the reply is then derived from a rendering of the turn with a placeholder content (see
+:meth:`ChatRenderer._reply`): DeepSeek-R1 distills prompt with ``<think>\n`` and strip reasoning from every turn (the
+model must write the reasoning, so the data must have it), Mistral v0.3 moves the system prompt out of history.
+A template that writes no end-of-turn marker at all (GLM-4) gets EOS after each reply: a model that never sees
+its stop token in training never stops. Templates that mark replies with ``{% generation %}`` are
 rendered with those marks as well, and the marked spans must agree with the inference rule (else: an error naming
 the turn), so a template's own notion of "assistant text" can never silently differ from what is trained.
 
