@@ -222,6 +222,19 @@ def main(argv: list[str] | None = None) -> int:
         logger.error("%s", error)
         print(f"error: {error}", file=sys.stderr)
         return 2
+    finally:
+        shut_down_distributed()
+
+
+def shut_down_distributed() -> None:
+    """Tear the process group down before the interpreter does.
+
+    Left to interpreter exit, gloo's worker threads can still be joinable when their destructors run, and a rank
+    that has finished dies with SIGABRT ("terminate called without an active exception"), failing the job after
+    everything was saved. Destroying the group is local to this process: no rank waits for another.
+    """
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
 
 
 if __name__ == "__main__":

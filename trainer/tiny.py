@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 import transformers
-from safetensors.torch import save_model
+from safetensors.torch import save_file
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import AutoConfig, PreTrainedTokenizerFast
 
@@ -60,6 +60,23 @@ def _train_tokenizer(texts: Iterable[str], vocab_size: int) -> PreTrainedTokeniz
     return tokenizer
 
 
+def untied_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """The weights to save, each shared tensor once under its first name, as ``save_pretrained`` writes them.
+
+    safetensors' own ``save_model`` keeps the alphabetically first name of a tied pair (``lm_head.weight``, not
+    ``model.embed_tokens.weight``), so the built folder would not hold the names a trained model saves.
+    """
+    seen: set[int] = set()
+    state = {}
+    for name, tensor in model.state_dict().items():
+        if tensor.data_ptr() in seen:
+            continue
+        seen.add(tensor.data_ptr())
+        state[name] = tensor.detach().contiguous().clone()
+    return state
+
+
+FOLDER_FORMAT = "2"  # part of the cache key: folders built by an older builder are rebuilt, not reused
 REQUIRED_FILES = ("config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json")
 
 
@@ -80,6 +97,7 @@ def build_tiny_model(name: str, texts: Iterable[str], seed: int = 0, key: str | 
         raise ValueError(f"unknown built-in model {name!r}; available: {', '.join(builtin_names())}")
     config_text = config_file.read_text()
     digest = hashlib.sha256(config_text.encode())
+    digest.update(FOLDER_FORMAT.encode())
     digest.update(str(seed).encode())
     if key is None:
         texts = list(texts)
@@ -105,7 +123,7 @@ def build_tiny_model(name: str, texts: Iterable[str], seed: int = 0, key: str | 
         # nothing on a process whose global rank is not 0, and the builder may be any rank of any node.
         model.config.to_json_file(tmp / "config.json")
         model.generation_config.to_json_file(tmp / "generation_config.json")
-        save_model(model, str(tmp / "model.safetensors"), metadata={"format": "pt"})
+        save_file(untied_state_dict(model), str(tmp / "model.safetensors"), metadata={"format": "pt"})
         tokenizer.save_pretrained(tmp)
 
     with torch.random.fork_rng(devices=[]):  # building must not move the run's random numbers

@@ -168,3 +168,21 @@ def test_key_changes_with_what_changes_tokens(tokenizer, tang_slice):
                     DataOptions(max_length=256, template_kwargs={"enable_thinking": False})):
         assert data_key(sources, [], tokenizer, tokenizer.chat_template, changed)[0] != key
     assert data_key(sources, [], tokenizer, "{{ messages }}", DataOptions(max_length=256))[0] != key
+
+
+def test_file_digest_is_the_content_hash_and_follows_edits(tmp_path, monkeypatch):
+    import hashlib
+    import os
+
+    from trainer.data.sources import file_digest
+
+    monkeypatch.setenv("SFT_CACHE_DIR", str(tmp_path / "cache"))
+    data = tmp_path / "data.jsonl"
+    data.write_bytes(b'{"a": 1}\n')
+    assert file_digest(data) == hashlib.sha256(b'{"a": 1}\n').hexdigest()
+    assert list((tmp_path / "cache" / "digests").iterdir()), "the digest was not remembered"
+    assert file_digest(data) == hashlib.sha256(b'{"a": 1}\n').hexdigest()  # from the memo
+    data.write_bytes(b'{"a": 2}\n')  # same size: the modification time tells the edit apart
+    stat = data.stat()
+    os.utime(data, ns=(stat.st_atime_ns, stat.st_mtime_ns + 1_000_000))
+    assert file_digest(data) == hashlib.sha256(b'{"a": 2}\n').hexdigest()

@@ -30,9 +30,9 @@ def write_registry(tmp_path: Path, url: str, sha256: str = CONTENT_SHA) -> Path:
     return path
 
 
-def test_default_registry_lists_tang_and_huanhuan():
+def test_default_registry_lists_tang_huanhuan_and_the_demo_subset():
     registry = load_registry()
-    assert registered_names() == ["huanhuan", "tang"]
+    assert registered_names() == ["huanhuan", "tang", "tang-demo"]
     assert registry["tang"]["splits"]["train"]["sha256"] == TANG_TRAIN_SHA
     assert has_split("tang", "test") and not has_split("huanhuan", "test")
 

@@ -10,13 +10,14 @@ records without loading them all.
 from __future__ import annotations
 
 import hashlib
+import os
 import re
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from trainer.data.formats import DataError, iter_records
-from trainer.data.registry import load_registry, resolve_dataset
+from trainer.data.registry import cache_root, load_registry, resolve_dataset
 
 _WEIGHT = re.compile(r"^(?P<item>.+?):(?P<weight>[0-9]*\.?[0-9]+(?:[eE][-+]?[0-9]+)?)$")
 _HUB_NAME = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
@@ -38,12 +39,33 @@ class RecordStream:
 
     def fingerprint(self) -> str:
         if self.path is not None:
-            digest = hashlib.sha256()
-            with open(self.path, "rb") as f:
-                for chunk in iter(lambda: f.read(_CHUNK), b""):
-                    digest.update(chunk)
-            return digest.hexdigest()
+            return file_digest(self.path)
         return f"datasets:{self.dataset._fingerprint}"
+
+
+def file_digest(path: Path) -> str:
+    """The sha256 of a file's bytes, remembered by (path, size, modification time) in the cache: every rank of every
+    run keys its data by content, and re-reading gigabytes for it at each start would cost tens of seconds."""
+    stat = path.stat()
+    memo_key = hashlib.sha256(f"{path.resolve()}|{stat.st_size}|{stat.st_mtime_ns}".encode()).hexdigest()
+    memo = cache_root() / "digests" / memo_key
+    try:
+        return memo.read_text().strip()
+    except OSError:
+        pass
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(_CHUNK), b""):
+            digest.update(chunk)
+    value = digest.hexdigest()
+    try:
+        memo.parent.mkdir(parents=True, exist_ok=True)
+        tmp = memo.with_name(f".{memo.name}.{os.getpid()}")
+        tmp.write_text(value)
+        os.replace(tmp, memo)
+    except OSError:  # a read-only cache: the digest is still right, only not remembered
+        pass
+    return value
 
 
 @dataclass
