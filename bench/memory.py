@@ -30,7 +30,6 @@ import argparse
 import datetime as dt
 import json
 import os
-import platform
 import random
 import resource
 import statistics
@@ -39,6 +38,8 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+
+from harness import add_quiet_options, machine, wait_for_quiet
 
 REPO = Path(__file__).resolve().parents[1]
 RESULTS = REPO / "bench" / "results"
@@ -133,14 +134,6 @@ def mem_available_gib() -> float:
     return int(line.split()[1]) / 2**20
 
 
-def wait_for_quiet(max_load: float, max_wait_s: float) -> float:
-    """Wait (up to ``max_wait_s``) until the 1-minute load average is below ``max_load``; return the load then."""
-    deadline = time.monotonic() + max_wait_s
-    while max_load and os.getloadavg()[0] >= max_load and time.monotonic() < deadline:
-        time.sleep(5)
-    return round(os.getloadavg()[0], 2)
-
-
 def run_child(spec: dict, work: Path, run_id: str, load_before: float) -> dict:
     """One run in a fresh process; peak RSS from ``wait4`` is that child's alone."""
     spec_file, result_file = work / f"{run_id}.spec.json", work / f"{run_id}.json"
@@ -195,18 +188,6 @@ def summarise(runs: list[dict], min_cpu: float) -> list[dict]:
                              "loss_relative_difference": abs(ch["loss"] - hf["loss"]) / abs(hf["loss"])}
         rows.append(row)
     return rows
-
-
-def machine() -> dict:
-    import torch
-    import transformers
-
-    cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-                if line.startswith("model name")), platform.processor())
-    return {"nproc": os.cpu_count(), "cpu": cpu, "memory_gib": round(os.sysconf("SC_PHYS_PAGES")
-                                                                      * os.sysconf("SC_PAGE_SIZE") / 2**30, 1),
-            "python": platform.python_version(), "torch": torch.__version__, "transformers": transformers.__version__,
-            "platform": platform.platform()}
 
 
 def _cell(per: dict, key: str, fmt: str) -> str:
@@ -285,9 +266,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--repeats", type=int, default=2, help="alternated runs per row length and loss")
     p.add_argument("--chunk-tokens", type=int, default=1024)
     p.add_argument("--threads", type=int, default=2, help="OMP_NUM_THREADS of the runs")
-    p.add_argument("--max-load", type=float, default=1.5,
-                   help="before each run wait until the 1-min load average is below this (0: never wait)")
-    p.add_argument("--max-wait", type=float, default=90, help="longest wait for --max-load, seconds")
+    add_quiet_options(p)
     p.add_argument("--min-cpu", type=float, default=1.8,
                    help="step times only from runs with at least this CPU utilisation (when any has it)")
     p.add_argument("--mem-limit-gib", type=float, default=None,
@@ -296,7 +275,6 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    help="small model (hidden 64, 1 layer, same vocab), one row of 1024, one repeat: seconds; exit 1 "
                    "unless the losses agree and chunked peaks lower. Writes no results unless --out is given")
     p.add_argument("--out", help=f"folder for the JSON + markdown (default {RESULTS.relative_to(REPO)}/)")
-    p.add_argument("--from-json", help="rebuild the report from saved results JSON(s), comma list: runs are pooled")
     p.add_argument("--child", nargs=2, help=argparse.SUPPRESS)
     return p.parse_args(argv)
 

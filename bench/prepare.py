@@ -71,7 +71,6 @@ import datetime as dt
 import json
 import math
 import os
-import platform
 import shutil
 import signal
 import statistics
@@ -79,9 +78,12 @@ import subprocess
 import sys
 import tempfile
 import time
-from importlib import metadata
 from pathlib import Path
 
+from harness import add_quiet_options, machine, pooled_report, wait_for_quiet
+
+# whose versions the report records
+PACKAGES = ("torch", "transformers", "datasets", "tokenizers", "trl", "pyarrow", "psutil")
 REPO = Path(__file__).resolve().parents[1]
 RESULTS = REPO / "bench" / "results"
 CONTENDERS = ("ours", "trl", "legacy")
@@ -641,14 +643,6 @@ def _mem_available() -> int:
     return _meminfo("MemAvailable") or 1 << 62
 
 
-def wait_for_quiet(max_load: float, max_wait_s: float) -> float:
-    """Wait (up to ``max_wait_s``) until the 1-minute load average is below ``max_load``; return the load then."""
-    deadline = time.monotonic() + max_wait_s
-    while os.getloadavg()[0] >= max_load and time.monotonic() < deadline:
-        time.sleep(5)
-    return os.getloadavg()[0]
-
-
 def contender_command(name: str, args: argparse.Namespace, corpus: Path, tokenizer: Path, legacy: Path | None,
                       run_dir: Path) -> tuple[list[str], Path, dict, dict | None]:
     """Command line, working folder, extra environment and (for --child runs) the spec of one run."""
@@ -683,7 +677,7 @@ def run_once(name: str, args: argparse.Namespace, corpus: Path, tokenizer: Path,
     env.update({"OMP_NUM_THREADS": "2", "PYTHONHASHSEED": "0", "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1",
                 "HF_DATASETS_CACHE": str(run_dir / "hf"), "SFT_CACHE_DIR": str(run_dir / "sft-cache"),
                 "TMPDIR": str(run_dir / "tmp"), "PYTHONUNBUFFERED": "1", **extra_env})
-    load_before = wait_for_quiet(args.max_load, args.max_wait) if args.max_load else os.getloadavg()[0]
+    load_before = wait_for_quiet(args.max_load, args.max_wait)
     stdout, stderr = (run_dir / "stdout.txt").open("w"), (run_dir / "stderr.txt").open("w")
     start = time.perf_counter()
     proc = subprocess.Popen(cmd, cwd=cwd, env=env, stdout=stdout, stderr=stderr, start_new_session=True)
@@ -821,20 +815,6 @@ def ratios(summary: dict) -> list[dict]:
     return rows
 
 
-def machine() -> dict:
-    """Where the numbers come from (versions read from package metadata: nothing heavy is imported)."""
-    cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-                if line.startswith("model name")), platform.processor())
-    versions = {}
-    for package in ("torch", "transformers", "datasets", "tokenizers", "trl", "pyarrow", "psutil"):
-        try:
-            versions[package] = metadata.version(package)
-        except metadata.PackageNotFoundError:
-            versions[package] = None
-    return {"nproc": os.cpu_count(), "cpu": cpu, "memory_gib": round(_meminfo("MemTotal") / 1024**3, 1),
-            "python": platform.python_version(), "platform": platform.platform(), **versions}
-
-
 def _fmt(entry: dict | None, key: str, spec: str, scale: float = 1.0) -> str:
     value = entry.get(key) if entry else None
     return "n/a" if value is None else format(value["median"] * scale, spec)
@@ -948,11 +928,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    "the kernel's OOM killer picks a victim; a run is also killed when the machine's available memory "
                    "falls under 1 GiB (default: 85%% of this machine's memory)")
     p.add_argument("--poll-hz", type=float, default=5.0, help="process-tree memory samples per second (default 5)")
-    p.add_argument("--max-load", type=float, default=1.5,
-                   help="before each run wait until the 1-min load average is below this (0: never wait)")
-    p.add_argument("--max-wait", type=float, default=90, help="longest wait for --max-load, seconds (default 90)")
+    add_quiet_options(p)
     p.add_argument("--corpus-only", action="store_true", help="build the corpus and tokenizer, print the paths, exit")
-    p.add_argument("--from-json", help="rebuild the report from saved results JSON(s), comma list: runs are pooled")
     p.add_argument("--keep", action="store_true",
                    help="keep each run's folder (logs, caches, outputs) in --workdir/runs-* for inspection")
     p.add_argument("--child", help=argparse.SUPPRESS)
@@ -965,14 +942,7 @@ def main(argv: list[str] | None = None) -> int:
         child_main(args.child)
         return 0
     if args.from_json:
-        reports = [json.loads(Path(f).read_text()) for f in args.from_json.split(",")]
-        report = reports[0]
-        for other in reports[1:]:
-            if (other["config"]["n"], other["config"]["seed"]) != (report["config"]["n"], report["config"]["seed"]):
-                raise SystemExit("--from-json: the results are of different corpora (n, seed)")
-            for name, repeats in other["runs"].items():
-                report["runs"].setdefault(name, []).extend(repeats)
-            report["load_after"] = other["load_after"]
+        report = pooled_report(args.from_json, same=("n", "seed"))
         report["config"]["repeats"] = max(len(r) for r in report["runs"].values())
         write_report(report, Path(args.out))
         return 0
@@ -1015,7 +985,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"run folders kept: {work}")
         else:
             shutil.rmtree(work, ignore_errors=True)
-    report = {"date": dt.date.today().isoformat(), "machine": machine(), "load_before": load_before,
+    report = {"date": dt.date.today().isoformat(), "machine": machine(PACKAGES), "load_before": load_before,
               "load_after": [round(x, 2) for x in os.getloadavg()], "corpus": shape,
               "config": {**{k: v for k, v in vars(args).items() if k not in ("child", "out", "keep", "from_json",
                                                                             "corpus_only")},

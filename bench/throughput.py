@@ -35,7 +35,6 @@ import argparse
 import datetime as dt
 import json
 import os
-import platform
 import shutil
 import statistics
 import subprocess
@@ -46,6 +45,9 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from harness import add_quiet_options, machine, pooled_report, wait_for_quiet
+
+PACKAGES = ("torch", "transformers", "datasets", "trl")  # whose versions the report records
 REPO = Path(__file__).resolve().parents[1]
 RESULTS = REPO / "bench" / "results"
 SYSTEM = "You are a helpful assistant and good at writing Tang poem. 你是一個樂於助人的助手且擅長寫唐詩。"
@@ -443,18 +445,6 @@ def contender_spec(name: str, args: argparse.Namespace, model: Path, subset: Pat
     }
 
 
-def wait_for_quiet(max_load: float, max_wait_s: float) -> float:
-    """Wait (up to ``max_wait_s``) until the 1-minute load average is below ``max_load``; return the load then.
-
-    On a small machine other work skews step times several-fold; a child started on a busy machine is flagged by its
-    load and CPU utilisation in the results rather than silently mixed in.
-    """
-    deadline = time.monotonic() + max_wait_s
-    while os.getloadavg()[0] >= max_load and time.monotonic() < deadline:
-        time.sleep(5)
-    return os.getloadavg()[0]
-
-
 def run_child(spec: dict, work: Path, run_id: str) -> dict:
     """One contender in a fresh process; peak RSS from ``wait4`` is that child's alone."""
     spec_file = work / f"{run_id}.spec.json"
@@ -532,25 +522,6 @@ def ratios(summary: dict[str, dict]) -> list[dict]:
                    for key in ("answer_tokens_per_s", "label_tokens_per_s", "tokens_per_s", "prep_s", "peak_rss_mib")},
             })
     return rows
-
-
-def machine() -> dict:
-    """Where the numbers come from: they mean little without it."""
-    import datasets
-    import torch
-    import transformers
-
-    cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-                if line.startswith("model name")), platform.processor())
-    try:
-        import trl
-
-        trl_version = trl.__version__
-    except ImportError:
-        trl_version = None
-    return {"nproc": os.cpu_count(), "cpu": cpu, "python": platform.python_version(), "torch": torch.__version__,
-            "transformers": transformers.__version__, "datasets": datasets.__version__, "trl": trl_version,
-            "platform": platform.platform()}
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -638,12 +609,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--contenders", default=",".join(CONTENDERS), help=f"comma list of {', '.join(CONTENDERS)}")
     p.add_argument("--out", default=str(RESULTS), help="folder for the JSON/markdown/PNG results")
-    p.add_argument("--max-load", type=float, default=1.5,
-                   help="before each run wait until the 1-min load average is below this (0: never wait)")
-    p.add_argument("--max-wait", type=float, default=90, help="longest wait for --max-load, seconds")
+    add_quiet_options(p)
     p.add_argument("--min-cpu", type=float, default=1.8,
                    help="runs below this CPU utilisation (process CPU s / wall s) were competing: out of the medians")
-    p.add_argument("--from-json", help="rebuild the report from saved results JSON(s), comma list: runs are pooled")
     p.add_argument("--keep", action="store_true", help="keep the work folder (logs, outputs) for inspection")
     p.add_argument("--child", help=argparse.SUPPRESS)
     return p.parse_args(argv)
@@ -655,12 +623,7 @@ def main(argv: list[str] | None = None) -> int:
         child_main(args.child)
         return 0
     if args.from_json:
-        reports = [json.loads(Path(f).read_text()) for f in args.from_json.split(",")]
-        report = reports[0]
-        for other in reports[1:]:  # same setup, more repeats: pool the runs
-            for name, repeats in other["runs"].items():
-                report["runs"].setdefault(name, []).extend(repeats)
-            report["load_after"] = other["load_after"]
+        report = pooled_report(args.from_json)  # same setup, more repeats
         report["config"]["repeats"] = max(len(r) for r in report["runs"].values())
         report["config"]["min_cpu"] = args.min_cpu
         write_report(report, Path(args.out))
@@ -686,7 +649,7 @@ def _bench(args: argparse.Namespace, names: list[str], work: Path) -> int:
     for repeat in range(args.repeats):
         for name in names:
             run_id = f"{name}-{repeat}"
-            load = wait_for_quiet(args.max_load, args.max_wait) if args.max_load else os.getloadavg()[0]
+            load = wait_for_quiet(args.max_load, args.max_wait)
             result = run_child(contender_spec(name, args, model, subset, work, run_id), work, run_id)
             result["load_before"] = load
             runs[name].append(result)
@@ -696,7 +659,7 @@ def _bench(args: argparse.Namespace, names: list[str], work: Path) -> int:
                   f" wall {r['wall_s']:.1f}s, rss {r['peak_rss_mib']:.0f} MiB, load {r['load_before']:.2f}->"
                   f"{r['load_after']:.2f}, cpu {r['cpu_utilisation']:.2f}",
                   flush=True)
-    report = {"date": dt.date.today().isoformat(), "machine": machine(), "load_before": load_before,
+    report = {"date": dt.date.today().isoformat(), "machine": machine(PACKAGES), "load_before": load_before,
               "load_after": [round(x, 2) for x in os.getloadavg()],
               "config": {k: v for k, v in vars(args).items() if k not in ("child", "out", "keep", "data", "from_json")},
               "runs": runs}

@@ -216,25 +216,33 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {error}", file=sys.stderr)
         return 2
     setup_logging(cfg)
+    finished = False
     try:
-        return run(cfg)
+        code = run(cfg)
+        finished = code == 0
+        return code
     except USER_ERRORS as error:
         logger.error("%s", error)
         print(f"error: {error}", file=sys.stderr)
         return 2
     finally:
-        shut_down_distributed()
+        shut_down_distributed(wait_for_the_others=finished)
 
 
-def shut_down_distributed() -> None:
-    """Tear the process group down before the interpreter does.
+def shut_down_distributed(wait_for_the_others: bool) -> None:
+    """Leave together, then tear the process group down before the interpreter does.
 
-    Left to interpreter exit, gloo's worker threads can still be joinable when their destructors run, and a rank
-    that has finished dies with SIGABRT ("terminate called without an active exception"), failing the job after
-    everything was saved. Destroying the group is local to this process: no rank waits for another.
+    After training, rank 0 still saves, writes samples and plots while the others are done. A rank that tore its
+    process group down (or let interpreter exit do it) meanwhile sometimes died with SIGABRT ("terminate called
+    without an active exception"), failing a job after everything was saved. So a rank that finished waits at a
+    barrier for the others, and only then destroys the group. A rank that failed does not wait: the others' barrier
+    then fails and the job reports the failure, instead of hanging.
     """
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        torch.distributed.destroy_process_group()
+    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+        return
+    if wait_for_the_others:
+        torch.distributed.barrier()
+    torch.distributed.destroy_process_group()
 
 
 if __name__ == "__main__":
