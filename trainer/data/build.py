@@ -30,6 +30,7 @@ from transformers import PreTrainedTokenizerBase
 
 from trainer.data.encode import ConversationEncoder, encode_batches
 from trainer.data.formats import ConversationReader, DataError, with_system
+from trainer.data.gather import ChunkedRows
 from trainer.data.mixing import mixture
 from trainer.data.packing import ROW_SCHEMA, PackingStats, packed_row_batches, row_order
 from trainer.data.sources import Source
@@ -257,9 +258,8 @@ def _write_examples(path: Path, table: pa.Table, index: np.ndarray, packing: boo
         rows = [[int(index[i]) for i in row] for row in row_order(lengths.tolist(), max_length, seed)]
         batches, schema = packed_row_batches(table, rows), ROW_SCHEMA
     else:
-        columns = table.select(["input_ids", "labels"])
-        batches = (b for i in range(0, len(index), 4096) for b in columns.take(pa.array(index[i : i + 4096]))
-                   .to_batches())
+        source = ChunkedRows(table, ["input_ids", "labels"])
+        batches = (b for i in range(0, len(index), 4096) for b in source.take(index[i : i + 4096]).to_batches())
         schema = UNPACKED_SCHEMA
     with pa.OSFile(str(path), "wb") as sink, pa.ipc.new_stream(sink, schema) as writer:
         for batch in batches:

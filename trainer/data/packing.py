@@ -47,6 +47,7 @@ import torch
 from torch.utils.hooks import RemovableHandle
 from transformers import DataCollatorWithFlattening
 
+from trainer.data.gather import ChunkedRows
 from trainer.data.templates import IGNORE_INDEX
 
 __all__ = [
@@ -291,14 +292,16 @@ def packed_row_batches(examples: pa.Table, rows: Sequence[Sequence[int]], rows_p
     """Build packed rows by gathering their examples from an Arrow table (``input_ids``, ``labels`` columns).
 
     ``rows`` lists example indices (rows of the table) per packed row, e.g. from :func:`row_order`. Rows are made
-    ``rows_per_batch`` at a time with Arrow ``take`` and numpy, never as Python ints, so a memory-mapped table of
-    any size packs in bounded memory. Same rows as :func:`pack_examples` for the same examples and order.
+    ``rows_per_batch`` at a time with Arrow ``take`` (chunk by chunk: :class:`ChunkedRows`) and numpy, never as
+    Python ints, so a memory-mapped table of any size packs in bounded memory. Same rows as :func:`pack_examples`
+    for the same examples and order.
     """
+    source = ChunkedRows(examples, ["input_ids", "labels"])
     for first in range(0, len(rows), rows_per_batch):
         chunk = rows[first : first + rows_per_batch]
         counts = np.fromiter((len(r) for r in chunk), dtype=np.int64, count=len(chunk))
         index = np.fromiter((i for r in chunk for i in r), dtype=np.int64, count=int(counts.sum()))
-        taken = examples.select(["input_ids", "labels"]).take(pa.array(index))
+        taken = source.take(index)
         ids = pc.list_flatten(taken.column("input_ids")).to_numpy().astype(np.int32, copy=False)
         labels = pc.list_flatten(taken.column("labels")).to_numpy().astype(np.int32, copy=True)
         lengths = pc.list_value_length(taken.column("input_ids")).to_numpy().astype(np.int64)

@@ -1,0 +1,45 @@
+"""Rows of a memory-mapped Arrow table by index, in bounded memory.
+
+pyarrow's ``Table.take`` on a column of many chunks (a prepared examples file holds one chunk per written batch)
+first concatenates the chunks into one array: gathering 10,000 examples from a 1.6 GB memory-mapped table cost
+0.9 GB of anonymous memory and 0.6 s, and a million-conversation preparation peaked at 3.7 GB while packing. Taking
+from each chunk separately touches only the rows asked for (+24 MB, 0.15 s on the same table).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+
+
+class ChunkedRows:
+    """``take`` over the record batches of a table, one chunk at a time, the result in the order asked for."""
+
+    def __init__(self, table: pa.Table, columns: list[str]) -> None:
+        self.batches = table.select(columns).to_batches()  # zero-copy views of the (memory-mapped) chunks
+        self.schema = table.select(columns).schema
+        sizes = np.fromiter((b.num_rows for b in self.batches), dtype=np.int64, count=len(self.batches))
+        self.starts = np.concatenate([[0], np.cumsum(sizes)[:-1]]).astype(np.int64)
+        self.num_rows = int(sizes.sum())
+
+    def take(self, index: np.ndarray, memory_pool: pa.MemoryPool | None = None) -> pa.Table:
+        """The rows at ``index`` (any order, repeats allowed), as one table of a single chunk per column, allocated
+        from ``memory_pool`` (default: Arrow's)."""
+        index = np.asarray(index, dtype=np.int64)
+        if len(index) == 0:
+            return self.schema.empty_table()
+        if index.min() < 0 or index.max() >= self.num_rows:
+            raise IndexError(f"row index out of range 0..{self.num_rows - 1}")
+        chunk = np.searchsorted(self.starts, index, side="right") - 1
+        order = np.argsort(chunk, kind="stable")
+        cuts = np.flatnonzero(np.diff(chunk[order])) + 1
+        pieces = []
+        for group in np.split(order, cuts):
+            c = int(chunk[group[0]])
+            pieces.append(pc.take(self.batches[c], pa.array(index[group] - self.starts[c]), memory_pool=memory_pool))
+        gathered = pa.Table.from_batches(pieces, schema=self.schema).combine_chunks(memory_pool=memory_pool)
+        inverse = np.empty_like(order)
+        inverse[order] = np.arange(len(order))
+        # one chunk now: no concatenation of the source
+        return pc.take(gathered, pa.array(inverse), memory_pool=memory_pool)
