@@ -76,6 +76,7 @@ def main(argv: list[str] | None = None) -> int:
         Path(spec["result"]).write_text(json.dumps(child(spec)))
         return 0
     model = args.model or tiny_model()
+    model_name = args.model or "the built-in tiny Llama (tokenizer trained on the demo set)"
     sizes = [int(b) for b in args.batch_sizes.split(",")]
     runs: dict[int, list[dict]] = {b: [] for b in sizes}
     load = [os.getloadavg()[0]]
@@ -103,7 +104,8 @@ def main(argv: list[str] | None = None) -> int:
     base = summary[sizes[0]]["median_s"]
     date = dt.date.today().isoformat()
     lines = [f"# Batched generation, {date}", "",
-             f"{os.cpu_count()} CPU cores, {args.threads} threads; model {model}; {args.prompts} Tang prompts, greedy, "
+             f"{os.cpu_count()} CPU cores, {args.threads} threads; model {model_name}; {args.prompts} Tang prompts, "
+             "greedy, "
              f"{args.max_new_tokens} new tokens at most; {args.repeats} alternated repeats in fresh processes, "
              f"medians; load {load[0]:.2f} -> {load[1]:.2f}.", "",
              "| batch size | seconds | prompts/s | speed-up vs batch 1 | replies equal to batch 1 |",
@@ -111,10 +113,11 @@ def main(argv: list[str] | None = None) -> int:
     for b, s in summary.items():
         lines.append(f"| {b} | {s['median_s']:.2f} | {s['prompts_per_s']:.2f} | {base / s['median_s']:.1f}x | "
                      f"{'yes' if s['same_replies_as_batch_1'] else 'NO'} |")
+    settings = {k: v for k, v in vars(args).items() if k not in ("out", "child")}
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     stem = out / f"{date}-cpu-generate"
-    stem.with_suffix(".json").write_text(json.dumps({"date": date, "model": model, "args": vars(args),
+    stem.with_suffix(".json").write_text(json.dumps({"date": date, "model": model_name, "args": settings,
                                                      "summary": summary, "load": load,
                                                      "runs": {b: [{k: v for k, v in r.items() if k != "replies"}
                                                                   for r in rs] for b, rs in runs.items()}},
