@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pytest
 
-from trainer.data.gather import ChunkedRows
+from trainer.data.gather import ChunkedRows, MappedStream
 
 SCHEMA = pa.schema([("input_ids", pa.list_(pa.int32())), ("labels", pa.list_(pa.int32()))])
 
@@ -49,3 +51,28 @@ def test_taking_a_few_rows_does_not_copy_the_table(tmp_path):
     del expected, taken  # freed before the pools they were allocated from
     assert peaks[0] > 0.5 * table.nbytes, "Arrow's take no longer copies the table: ChunkedRows may go"
     assert peaks[1] < 4 * result_bytes, f"peak {peaks[1]:,} B for a {result_bytes:,} B result"
+
+
+def _resident_file_mib() -> float:
+    line = next(x for x in open("/proc/self/status") if x.startswith("RssFile"))
+    return int(line.split()[1]) / 1024
+
+
+@pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="reads RssFile from /proc")
+def test_pages_a_gather_touched_are_handed_back(tmp_path):
+    """Gathering every row of a mapped file in random order leaves none of it resident once each take returns."""
+    write_chunks(tmp_path / "t.arrow", chunks=200, rows=200)  # ~80 MB on disk
+    index = np.random.default_rng(3).permutation(40_000)
+
+    def resident_growth(release: bool) -> float:
+        stream = MappedStream(tmp_path / "t.arrow")
+        rows = ChunkedRows(stream.table, ["input_ids", "labels"], stream.release_pages if release else None)
+        before, most = _resident_file_mib(), 0.0
+        for part in np.array_split(index, 20):
+            rows.take(part)
+            most = max(most, _resident_file_mib() - before)
+        stream.release_pages()
+        return most
+
+    assert resident_growth(release=False) > 40  # the test can fail: without release the file becomes resident
+    assert resident_growth(release=True) < 10

@@ -30,7 +30,7 @@ from transformers import PreTrainedTokenizerBase
 
 from trainer.data.encode import ConversationEncoder, encode_batches
 from trainer.data.formats import ConversationReader, DataError, with_system
-from trainer.data.gather import ChunkedRows
+from trainer.data.gather import ChunkedRows, MappedStream
 from trainer.data.mixing import mixture
 from trainer.data.packing import ROW_SCHEMA, PackingStats, packed_row_batches, row_order
 from trainer.data.sources import Source
@@ -233,11 +233,6 @@ def _encode_all(sources: list[Source], train_sources: int, encoder: Conversation
 # ------------------------------------------------------------------------------------------------ split, mix, pack
 
 
-def _read_table(path: Path) -> pa.Table:
-    """The Arrow stream file at ``path``, memory-mapped (no copy of the token columns)."""
-    return pa.ipc.open_stream(pa.memory_map(str(path))).read_all()
-
-
 def _held_out(n_conversations: int, val_size: float, seed: int) -> np.ndarray:
     """A boolean mask of the conversations held out for evaluation (``val_size``: a share below 1, else a count)."""
     held = np.zeros(n_conversations, dtype=bool)
@@ -250,15 +245,16 @@ def _held_out(n_conversations: int, val_size: float, seed: int) -> np.ndarray:
     return held
 
 
-def _write_examples(path: Path, table: pa.Table, index: np.ndarray, packing: bool, max_length: int,
+def _write_examples(path: Path, examples: MappedStream, index: np.ndarray, packing: bool, max_length: int,
                     seed: int) -> PackingStats | None:
-    """Write the examples at ``index`` of ``table`` to an Arrow file: packed into rows, or as they are."""
+    """Write the examples at ``index`` of the examples file to an Arrow file: packed into rows, or as they are."""
+    table = examples.table
     lengths = pc.list_value_length(table.column("input_ids")).to_numpy()[index]
     if packing:
         rows = [[int(index[i]) for i in row] for row in row_order(lengths.tolist(), max_length, seed)]
-        batches, schema = packed_row_batches(table, rows), ROW_SCHEMA
+        batches, schema = packed_row_batches(table, rows, after_take=examples.release_pages), ROW_SCHEMA
     else:
-        source = ChunkedRows(table, ["input_ids", "labels"])
+        source = ChunkedRows(table, ["input_ids", "labels"], examples.release_pages)
         batches = (b for i in range(0, len(index), 4096) for b in source.take(index[i : i + 4096]).to_batches())
         schema = UNPACKED_SCHEMA
     with pa.OSFile(str(path), "wb") as sink, pa.ipc.new_stream(sink, schema) as writer:
@@ -294,7 +290,8 @@ def build_prepared(
                         progress)
     if progress is not None:
         progress.update(force=True, stage="packing" if options.packing else "writing", examples=stats.examples)
-    table = _read_table(examples_path)
+    examples = MappedStream(examples_path)
+    table = examples.table
     conversation = table.column("conversation").to_numpy()
     source = table.column("source").to_numpy()
     lengths = pc.list_value_length(table.column("input_ids")).to_numpy()
@@ -330,7 +327,7 @@ def build_prepared(
         train_index = np.sort(np.concatenate([index[picked] for index, picked in zip(by_source, chosen)]))
         mixing = {"by": options.mix_by, "summary": f"by {options.mix_by}: " + ", ".join(parts)}
 
-    stats_packing = _write_examples(folder / "train.arrow", table, train_index, options.packing, options.max_length,
+    stats_packing = _write_examples(folder / "train.arrow", examples, train_index, options.packing, options.max_length,
                                     options.seed)
     eval_sets = {}
     present = [int(i) for i in np.unique(source[eval_index])]
@@ -339,7 +336,7 @@ def build_prepared(
         name = "eval" if len(present) == 1 else f"eval-{key}"
         eval_sets[name] = eval_index[source[eval_index] == i]
     for name, index in eval_sets.items():
-        _write_examples(folder / f"{name}.arrow", table, index, options.packing, options.max_length, options.seed)
+        _write_examples(folder / f"{name}.arrow", examples, index, options.packing, options.max_length, options.seed)
     if len(eval_index):
         _write_eval_conversations(folder / EVAL_CONVERSATIONS, sources, len(train_sources), held, options)
     report = DataReport(
@@ -351,7 +348,7 @@ def build_prepared(
         label_tokens=_label_tokens(table, train_index),
         eval_sets={name: len(index) for name, index in eval_sets.items()} or None,
     )
-    del table
+    del table, examples
     examples_path.unlink()
     if stats_packing is not None:
         report.packing = {"summary": str(stats_packing), "efficiency": stats_packing.efficiency,

@@ -35,7 +35,7 @@ import bisect
 import heapq
 import inspect
 import random
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -287,8 +287,8 @@ ROW_SCHEMA = pa.schema([("input_ids", pa.list_(pa.int32())), ("labels", pa.list_
                         ("position_ids", pa.list_(pa.int32()))])
 
 
-def packed_row_batches(examples: pa.Table, rows: Sequence[Sequence[int]], rows_per_batch: int = 2048
-                       ) -> Iterator[pa.RecordBatch]:
+def packed_row_batches(examples: pa.Table, rows: Sequence[Sequence[int]], rows_per_batch: int = 2048,
+                       after_take: Callable[[], None] | None = None) -> Iterator[pa.RecordBatch]:
     """Build packed rows by gathering their examples from an Arrow table (``input_ids``, ``labels`` columns).
 
     ``rows`` lists example indices (rows of the table) per packed row, e.g. from :func:`row_order`. Rows are made
@@ -296,7 +296,7 @@ def packed_row_batches(examples: pa.Table, rows: Sequence[Sequence[int]], rows_p
     Python ints, so a memory-mapped table of any size packs in bounded memory. Same rows as :func:`pack_examples`
     for the same examples and order.
     """
-    source = ChunkedRows(examples, ["input_ids", "labels"])
+    source = ChunkedRows(examples, ["input_ids", "labels"], after_take)
     for first in range(0, len(rows), rows_per_batch):
         chunk = rows[first : first + rows_per_batch]
         counts = np.fromiter((len(r) for r in chunk), dtype=np.int64, count=len(chunk))
