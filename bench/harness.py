@@ -39,7 +39,7 @@ def pooled_report(files: str, same: tuple[str, ...] = ()) -> dict:
     """The first saved report of the comma list ``files`` with the runs of the others added, contender by contender.
 
     ``same`` names ``config`` keys that must agree (e.g. the corpus size and seed): runs of different setups are
-    refused, not averaged.
+    refused, not averaged. ``config["repeats"]`` becomes the most runs any contender now has.
     """
     reports = [json.loads(Path(f).read_text()) for f in files.split(",")]
     report = reports[0]
@@ -51,6 +51,7 @@ def pooled_report(files: str, same: tuple[str, ...] = ()) -> dict:
         for name, repeats in other["runs"].items():
             report["runs"].setdefault(name, []).extend(repeats)
         report["load_after"] = other["load_after"]
+    report["config"]["repeats"] = max(len(r) for r in report["runs"].values())
     return report
 
 

@@ -943,7 +943,6 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if args.from_json:
         report = pooled_report(args.from_json, same=("n", "seed"))
-        report["config"]["repeats"] = max(len(r) for r in report["runs"].values())
         write_report(report, Path(args.out))
         return 0
     names = [n.strip() for n in args.contenders.split(",") if n.strip()]

@@ -245,11 +245,12 @@ def _held_out(n_conversations: int, val_size: float, seed: int) -> np.ndarray:
     return held
 
 
-def _write_examples(path: Path, examples: MappedStream, index: np.ndarray, packing: bool, max_length: int,
-                    seed: int) -> PackingStats | None:
-    """Write the examples at ``index`` of the examples file to an Arrow file: packed into rows, or as they are."""
+def _write_examples(path: Path, examples: MappedStream, lengths: np.ndarray, index: np.ndarray, packing: bool,
+                    max_length: int, seed: int) -> PackingStats | None:
+    """Write the examples at ``index`` of the examples file (``lengths``: of all its examples) to an Arrow file:
+    packed into rows, or as they are."""
     table = examples.table
-    lengths = pc.list_value_length(table.column("input_ids")).to_numpy()[index]
+    lengths = lengths[index]
     if packing:
         rows = [[int(index[i]) for i in row] for row in row_order(lengths.tolist(), max_length, seed)]
         batches, schema = packed_row_batches(table, rows, after_take=examples.release_pages), ROW_SCHEMA
@@ -327,8 +328,8 @@ def build_prepared(
         train_index = np.sort(np.concatenate([index[picked] for index, picked in zip(by_source, chosen)]))
         mixing = {"by": options.mix_by, "summary": f"by {options.mix_by}: " + ", ".join(parts)}
 
-    stats_packing = _write_examples(folder / "train.arrow", examples, train_index, options.packing, options.max_length,
-                                    options.seed)
+    stats_packing = _write_examples(folder / "train.arrow", examples, lengths, train_index, options.packing,
+                                    options.max_length, options.seed)
     eval_sets = {}
     present = [int(i) for i in np.unique(source[eval_index])]
     keys = _unique_keys([sources[i] for i in present])
@@ -336,7 +337,8 @@ def build_prepared(
         name = "eval" if len(present) == 1 else f"eval-{key}"
         eval_sets[name] = eval_index[source[eval_index] == i]
     for name, index in eval_sets.items():
-        _write_examples(folder / f"{name}.arrow", examples, index, options.packing, options.max_length, options.seed)
+        _write_examples(folder / f"{name}.arrow", examples, lengths, index, options.packing, options.max_length,
+                        options.seed)
     if len(eval_index):
         _write_eval_conversations(folder / EVAL_CONVERSATIONS, sources, len(train_sources), held, options)
     report = DataReport(

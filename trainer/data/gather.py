@@ -44,8 +44,9 @@ class ChunkedRows:
 
     def __init__(self, table: pa.Table, columns: list[str], after_take: Callable[[], None] | None = None) -> None:
         self.after_take = after_take
-        self.batches = table.select(columns).to_batches()  # zero-copy views of the (memory-mapped) chunks
-        self.schema = table.select(columns).schema
+        selected = table.select(columns)
+        self.batches = selected.to_batches()  # zero-copy views of the (memory-mapped) chunks
+        self.schema = selected.schema
         sizes = np.fromiter((b.num_rows for b in self.batches), dtype=np.int64, count=len(self.batches))
         self.starts = np.concatenate([[0], np.cumsum(sizes)[:-1]]).astype(np.int64)
         self.num_rows = int(sizes.sum())

@@ -17,11 +17,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from trainer.data.formats import DataError, iter_records
-from trainer.data.registry import cache_root, load_registry, resolve_dataset
+from trainer.data.registry import cache_root, load_registry, resolve_dataset, sha256_of
 
 _WEIGHT = re.compile(r"^(?P<item>.+?):(?P<weight>[0-9]*\.?[0-9]+(?:[eE][-+]?[0-9]+)?)$")
 _HUB_NAME = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
-_CHUNK = 1 << 20
 
 
 @dataclass(frozen=True)
@@ -53,11 +52,7 @@ def file_digest(path: Path) -> str:
         return memo.read_text().strip()
     except OSError:
         pass
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(_CHUNK), b""):
-            digest.update(chunk)
-    value = digest.hexdigest()
+    value = sha256_of(path)
     try:
         memo.parent.mkdir(parents=True, exist_ok=True)
         tmp = memo.with_name(f".{memo.name}.{os.getpid()}")
