@@ -2,10 +2,12 @@
 
 Each conversation is rendered into its training examples (:meth:`ChatRenderer.examples`), the texts of a whole batch
 are tokenised in one call of the Rust tokenizer, and labels are copied from the ids over the token range of each
-trained character span. The range comes from two ``char_to_token`` look-ups per span (widened to every token that
-overlaps it), not from reading every token's offsets back into Python: that is where a per-token loop would spend
-most of its time. Results travel as numpy arrays (ids, labels, per-example lengths), which cost nothing to send
-from a worker process and turn into Arrow columns without a copy.
+trained character span. For a byte-level BPE tokenizer the range comes from the byte length of each token
+(:mod:`trainer.data.token_bytes`: the tokenizer then skips tracking offsets, a quarter of its time); for any other,
+from two ``char_to_token`` look-ups per span (widened to every token that overlaps it). Neither reads every token's
+offsets back into Python: that is where a per-token loop would spend most of its time. Results travel as numpy
+arrays (ids, labels, per-example lengths), which cost nothing to send from a worker process and turn into Arrow
+columns without a copy.
 
 With ``num_proc`` > 1, :func:`encode_batches` runs the encoder in worker processes, a bounded number of batches in
 flight, results in input order; memory stays flat whatever the size of the data.
@@ -27,6 +29,7 @@ import numpy as np
 from transformers import PreTrainedTokenizerBase
 
 from trainer.data.templates import IGNORE_INDEX, ChatRenderer, TemplateError, label_tokens
+from trainer.data.token_bytes import TokenBytes
 
 
 @dataclass
@@ -62,6 +65,8 @@ class ConversationEncoder:
         # The Rust tokenizer itself, when there is one: what the transformers wrapper calls for a batch, minus the
         # conversion of every encoding into Python lists.
         self._backend = backend if hasattr(backend, "encode_batch") else None
+        # Byte-level BPE: token positions from the ids alone, without the offsets tracking (see token_bytes).
+        self._bytes = TokenBytes.of(backend) if self._backend is not None else None
 
     def encode(self, conversations: Sequence[Sequence[Mapping[str, Any]]]) -> EncodedBatch:
         return self.tokenize(self.render(conversations))
@@ -120,19 +125,33 @@ class ConversationEncoder:
                 trained = np.asarray(label_tokens(offsets, text_spans), dtype=bool)
                 out.append((ids, np.where(trained, ids, IGNORE_INDEX).astype(np.int32)))
             return out
-        out = []
-        for encoding, text_spans in zip(self._backend.encode_batch(texts, add_special_tokens=False), spans):
-            ids = np.asarray(encoding.ids, dtype=np.int32)
-            labels = np.full(len(ids), IGNORE_INDEX, dtype=np.int32)
-            ranges = [_token_range(encoding, start, end) for start, end in text_spans]
-            if any(r is None for r in ranges):  # a span edge on a character no token covers: use the offsets
-                trained = np.asarray(label_tokens(encoding.offsets, text_spans), dtype=bool)
-                labels[trained] = ids[trained]
-            else:
-                for first, last in ranges:
-                    labels[first:last] = ids[first:last]
-            out.append((ids, labels))
-        return out
+        if self._bytes is not None:
+            return self._tokenize_bytes(texts, spans)
+        return [self._with_offsets(encoding, text_spans)
+                for encoding, text_spans in zip(self._backend.encode_batch(texts, add_special_tokens=False), spans)]
+
+    def _tokenize_bytes(self, texts: list[str], spans: list[tuple[tuple[int, int], ...]]
+                        ) -> list[tuple[np.ndarray, np.ndarray]]:
+        assert self._bytes is not None and self._backend is not None
+        encodings = self._backend.encode_batch_fast(texts, add_special_tokens=False)
+        ids = [np.asarray(encoding.ids, dtype=np.int32) for encoding in encodings]
+        spelled = self._bytes.spells(texts, ids)
+        return [(example, self._bytes.labels(text, example, text_spans, IGNORE_INDEX)) if ok
+                else self._with_offsets(self._backend.encode(text, add_special_tokens=False), text_spans)
+                for text, example, text_spans, ok in zip(texts, ids, spans, spelled)]
+
+    @staticmethod
+    def _with_offsets(encoding: Any, text_spans: tuple[tuple[int, int], ...]) -> tuple[np.ndarray, np.ndarray]:
+        ids = np.asarray(encoding.ids, dtype=np.int32)
+        labels = np.full(len(ids), IGNORE_INDEX, dtype=np.int32)
+        ranges = [_token_range(encoding, start, end) for start, end in text_spans]
+        if any(r is None for r in ranges):  # a span edge on a character no token covers: use the offsets
+            trained = np.asarray(label_tokens(encoding.offsets, text_spans), dtype=bool)
+            labels[trained] = ids[trained]
+        else:
+            for first, last in ranges:
+                labels[first:last] = ids[first:last]
+        return ids, labels
 
 
 def _token_range(encoding: Any, start: int, end: int) -> tuple[int, int] | None:
