@@ -29,7 +29,8 @@ tokenizer behaves as on real text. The corpus shape measured with the tokenizer 
 Contenders:
 
 * ``ours``: ``python trainer/prepare.py --model_name_or_path TOKENIZER --dataset CORPUS.jsonl --template auto
-  --max_length 2048 --packing true --report_to none --preprocessing_num_workers 2`` (plus ``--ours-args``) with
+  --max_length 2048 --packing true --report_to none`` (plus ``--preprocessing_num_workers N`` unless its --num-proc
+  is ``auto``, and ``--ours-args``) with
   ``SFT_CACHE_DIR`` a fresh empty folder. The last line of its stdout is the prepared folder; its ``manifest.json``
   gives ``train_examples``, ``tokens``, ``label_tokens``, ``rows`` and ``efficiency`` (missing keys are tolerated:
   the rows are then counted from the folder when it is a saved ``datasets`` dataset). Fails cleanly, with a message,
@@ -42,6 +43,9 @@ Contenders:
 * ``legacy``: this project's pipeline as it was at commit 7801736 (before the rewrite), run from a git worktree of that
   commit in ``--workdir``: ``read_records`` + ``build_datasets(records, None, tokenizer, tokenizer.chat_template,
   max_length=2048, on_overlong="truncate", val_size=0, packing=True, seed=0, num_proc=2, cache_dir=None)``.
+
+Worker processes (``--num-proc``) are each contender's fastest on 2 cores, measured: ours in one process (what it
+chooses itself there), trl and legacy with 2 (legacy with 1: 203 s against 176 s at 50k).
 
 What is reported per run (medians per contender):
 
@@ -87,6 +91,9 @@ PACKAGES = ("torch", "transformers", "datasets", "tokenizers", "trl", "pyarrow",
 REPO = Path(__file__).resolve().parents[1]
 RESULTS = REPO / "bench" / "results"
 CONTENDERS = ("ours", "trl", "legacy")
+# On 2 cores (2026-12-02, 50k conversations): ours fastest in one process (its default there: the Rust tokenizer
+# threads beside the reader), trl and legacy with 2 dataset workers (1 worker: legacy 203 s against 176 s).
+DEFAULT_WORKERS = "ours=auto,trl=2,legacy=2"
 LEGACY_COMMIT = "7801736"
 IGNORE_INDEX = -100
 MiB = 1024 * 1024
@@ -643,6 +650,27 @@ def _mem_available() -> int:
     return _meminfo("MemAvailable") or 1 << 62
 
 
+def parse_workers(text: str) -> dict[str, str]:
+    """``2`` (every contender) or ``ours=auto,trl=2,legacy=2`` → worker count per contender (``auto``: ours only)."""
+    if "=" not in text:
+        found = dict.fromkeys(CONTENDERS, text)
+    else:
+        found = dict(part.split("=", 1) for part in DEFAULT_WORKERS.split(","))
+        for part in text.split(","):
+            name, _, value = part.partition("=")
+            if name not in CONTENDERS:
+                raise SystemExit(f"--num-proc: unknown contender {name!r} (one of {', '.join(CONTENDERS)})")
+            found[name] = value
+    for name, value in found.items():
+        if not (value.isdigit() and int(value) >= 1) and not (name == "ours" and value == "auto"):
+            raise SystemExit(f"--num-proc: {name}={value} is not a worker count" + " (or auto)" * (name == "ours"))
+    return found
+
+
+def _ours_workers(value: str) -> list[str]:
+    return [] if value == "auto" else ["--preprocessing_num_workers", value]
+
+
 def contender_command(name: str, args: argparse.Namespace, corpus: Path, tokenizer: Path, legacy: Path | None,
                       run_dir: Path) -> tuple[list[str], Path, dict, dict | None]:
     """Command line, working folder, extra environment and (for --child runs) the spec of one run."""
@@ -650,10 +678,11 @@ def contender_command(name: str, args: argparse.Namespace, corpus: Path, tokeniz
         cli = REPO / "trainer" / "prepare.py"
         cmd = [sys.executable, str(cli), "--model_name_or_path", str(tokenizer), "--dataset", str(corpus),
                "--template", "auto", "--max_length", str(args.max_length), "--packing", "true", "--report_to", "none",
-               "--preprocessing_num_workers", str(args.num_proc), *args.ours_args.split()]
+               *_ours_workers(args.workers["ours"]), *args.ours_args.split()]
         return cmd, REPO, {"PYTHONPATH": str(REPO)}, None
     spec = {"contender": name, "corpus": str(corpus), "tokenizer": str(tokenizer), "max_length": args.max_length,
-            "num_proc": args.num_proc, "output_dir": str(run_dir / "output"), "result": str(run_dir / "result.json"),
+            "num_proc": int(args.workers[name]), "output_dir": str(run_dir / "output"),
+            "result": str(run_dir / "result.json"),
             "worktree": str(legacy) if legacy else None}
     cmd = [sys.executable, str(Path(__file__).resolve()), "--child", str(run_dir / "spec.json")]
     if name == "legacy":
@@ -833,7 +862,7 @@ def markdown(report: dict) -> str:
         f"{report['load_before']} / {report['load_after']}.",
         f"Setup: {cfg['n']:,} synthetic conversations (seed {cfg['seed']}, "
         f"{shape.get('corpus_bytes', 0) / MiB:,.0f} MiB of JSON lines), byte-level BPE of "
-        f"{shape.get('vocab_size', 0):,} tokens, rows of {cfg['max_length']}, {cfg['num_proc']} worker processes, "
+        f"{shape.get('vocab_size', 0):,} tokens, rows of {cfg['max_length']}, worker processes {cfg['num_proc']}, "
         f"{cfg['repeats']} alternated repeats (fresh process and caches each); medians.",
         f"Corpus shape (first {shape.get('sample_conversations', 0):,} conversations, this tokenizer): conversation "
         f"tokens median {conv.get('median')}, p90 {conv.get('p90')}, p99 {conv.get('p99')}, max {conv.get('max')}, "
@@ -913,9 +942,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--tokenizer-sample", type=int, default=20_000,
                    help="conversations the tokenizer is trained on: the first ones of the seed's stream, whatever --n")
     p.add_argument("--max-length", type=int, default=2048, help="packed row length (default 2048)")
-    p.add_argument("--num-proc", type=int, default=2,
-                   help="worker processes for every contender: ours --preprocessing_num_workers, TRL dataset_num_proc, "
-                   "legacy num_proc (default 2)")
+    p.add_argument("--num-proc", default=DEFAULT_WORKERS,
+                   help="worker processes: one number for every contender, or per contender (ours "
+                   "--preprocessing_num_workers, where auto leaves the choice to it; TRL dataset_num_proc; legacy "
+                   f"num_proc). Default {DEFAULT_WORKERS}: each at its fastest on 2 cores")
     p.add_argument("--repeats", type=int, default=3, help="runs per contender, alternated (default 3)")
     p.add_argument("--contenders", default=",".join(CONTENDERS), help=f"comma list of {', '.join(CONTENDERS)}")
     p.add_argument("--ours-args", default="", help="extra arguments appended to our CLI's command line")
@@ -933,7 +963,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--keep", action="store_true",
                    help="keep each run's folder (logs, caches, outputs) in --workdir/runs-* for inspection")
     p.add_argument("--child", help=argparse.SUPPRESS)
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    args.workers = parse_workers(str(args.num_proc))
+    return args
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -1,4 +1,5 @@
-"""Gathering rows from a memory-mapped, many-chunk Arrow table: the same rows as ``Table.take``, without its copy."""
+"""Gathering rows from a memory-mapped, many-chunk Arrow table: the same rows as ``Table.take``, without its copy,
+and from its file by positional reads, without mapping it."""
 
 from __future__ import annotations
 
@@ -59,20 +60,36 @@ def _resident_file_mib() -> float:
 
 
 @pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="reads RssFile from /proc")
-def test_pages_a_gather_touched_are_handed_back(tmp_path):
-    """Gathering every row of a mapped file in random order leaves none of it resident once each take returns."""
+def test_positional_reads_leave_nothing_of_the_file_resident(tmp_path):
+    """Gathering every row of a file in random order: through the mapping most of the file becomes part of the
+    process (whole page-cache folios per touch), through positional reads none of it."""
     write_chunks(tmp_path / "t.arrow", chunks=200, rows=200)  # ~80 MB on disk
     index = np.random.default_rng(3).permutation(40_000)
+    stream = MappedStream(tmp_path / "t.arrow")
 
-    def resident_growth(release: bool) -> float:
-        stream = MappedStream(tmp_path / "t.arrow")
-        rows = ChunkedRows(stream.table, ["input_ids", "labels"], stream.release_pages if release else None)
+    def resident_growth(rows) -> float:
+        stream.release_pages()
         before, most = _resident_file_mib(), 0.0
         for part in np.array_split(index, 20):
             rows.take(part)
             most = max(most, _resident_file_mib() - before)
-        stream.release_pages()
         return most
 
-    assert resident_growth(release=False) > 40  # the test can fail: without release the file becomes resident
-    assert resident_growth(release=True) < 10
+    by_position = stream.rows(["input_ids", "labels"])
+    assert resident_growth(ChunkedRows(stream.table, ["input_ids", "labels"])) > 40  # the test can fail
+    assert resident_growth(by_position) < 2
+
+
+def test_positional_reads_give_the_rows_of_table_take(tmp_path):
+    table = write_chunks(tmp_path / "t.arrow", chunks=7, rows=50)
+    stream = MappedStream(tmp_path / "t.arrow")
+    rows = stream.rows(["input_ids", "labels"])
+    rng = np.random.default_rng(4)
+    for index in (rng.permutation(350)[:120], np.array([349, 0, 0, 175, 49, 50]), np.arange(350)):
+        assert rows.take(index).equals(table.take(pa.array(index)))
+    assert rows.take(np.array([], dtype=np.int64)).num_rows == 0
+    assert rows.take(np.array([], dtype=np.int64)).schema == SCHEMA
+    with pytest.raises(IndexError):
+        rows.take(np.array([350]))
+    only_labels = stream.rows(["labels"]).take(np.array([3, 1]))
+    assert only_labels.equals(table.select(["labels"]).take(pa.array([3, 1])))

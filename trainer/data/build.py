@@ -30,7 +30,7 @@ from transformers import PreTrainedTokenizerBase
 
 from trainer.data.encode import ConversationEncoder, encode_batches
 from trainer.data.formats import ConversationReader, DataError, with_system
-from trainer.data.gather import ChunkedRows, MappedStream
+from trainer.data.gather import FileRows, MappedStream
 from trainer.data.mixing import mixture
 from trainer.data.packing import ROW_SCHEMA, PackingStats, packed_row_batches, row_order
 from trainer.data.sources import Source
@@ -245,18 +245,16 @@ def _held_out(n_conversations: int, val_size: float, seed: int) -> np.ndarray:
     return held
 
 
-def _write_examples(path: Path, examples: MappedStream, lengths: np.ndarray, index: np.ndarray, packing: bool,
+def _write_examples(path: Path, examples: FileRows, lengths: np.ndarray, index: np.ndarray, packing: bool,
                     max_length: int, seed: int) -> PackingStats | None:
     """Write the examples at ``index`` of the examples file (``lengths``: of all its examples) to an Arrow file:
     packed into rows, or as they are."""
-    table = examples.table
     lengths = lengths[index]
     if packing:
         rows = [[int(index[i]) for i in row] for row in row_order(lengths.tolist(), max_length, seed)]
-        batches, schema = packed_row_batches(table, rows, after_take=examples.release_pages), ROW_SCHEMA
+        batches, schema = packed_row_batches(examples, rows), ROW_SCHEMA
     else:
-        source = ChunkedRows(table, ["input_ids", "labels"], examples.release_pages)
-        batches = (b for i in range(0, len(index), 4096) for b in source.take(index[i : i + 4096]).to_batches())
+        batches = (b for i in range(0, len(index), 4096) for b in examples.take(index[i : i + 4096]).to_batches())
         schema = UNPACKED_SCHEMA
     with pa.OSFile(str(path), "wb") as sink, pa.ipc.new_stream(sink, schema) as writer:
         for batch in batches:
@@ -265,10 +263,6 @@ def _write_examples(path: Path, examples: MappedStream, lengths: np.ndarray, ind
         return None
     return PackingStats(examples=len(index), rows=len(rows), tokens=int(lengths.sum()),
                         capacity_tokens=len(rows) * max_length)
-
-
-def _label_tokens(table: pa.Table, index: np.ndarray) -> int:
-    return int(table.column("label_tokens").to_numpy()[index].sum())
 
 
 def build_prepared(
@@ -291,14 +285,17 @@ def build_prepared(
                         progress)
     if progress is not None:
         progress.update(force=True, stage="packing" if options.packing else "writing", examples=stats.examples)
-    examples = MappedStream(examples_path)
-    table = examples.table
+    stream = MappedStream(examples_path)
+    table = stream.table
     conversation = table.column("conversation").to_numpy()
     source = table.column("source").to_numpy()
     lengths = pc.list_value_length(table.column("input_ids")).to_numpy()
+    label_tokens = table.column("label_tokens").to_numpy()
+    examples = stream.rows(["input_ids", "labels"])  # reads the values by position: none of them mapped in
+    del table
     held = _held_out(stats.train_conversations, options.val_size, options.seed)
     is_train_source = source < len(train_sources)
-    in_held = np.zeros(len(table), dtype=bool)
+    in_held = np.zeros(len(source), dtype=bool)
     in_held[is_train_source] = held[conversation[is_train_source]]
     train_index = np.flatnonzero(is_train_source & ~in_held)
     eval_index = np.flatnonzero(~is_train_source | in_held)
@@ -313,7 +310,7 @@ def build_prepared(
         per_source.append({"name": src.name, "key": src.key, "role": "train" if i < len(train_sources) else "eval",
                            "weight": src.weight, "examples": int(np.sum(source == i)),
                            "train_examples": len(mine), "tokens": int(lengths[mine].sum()),
-                           "label_tokens": _label_tokens(table, mine)})
+                           "label_tokens": int(label_tokens[mine].sum())})
     mixing = None
     if any(s.weight is not None for s in train_sources):
         by_source = [train_index[source[train_index] == i] for i in range(len(train_sources))]
@@ -347,10 +344,10 @@ def build_prepared(
         expanded_conversations=stats.expanded, truncated=stats.truncated, dropped_overlong=stats.dropped_overlong,
         dropped_without_answer=stats.dropped_without_answer, tokens=int(lengths[train_index].sum()),
         max_length=options.max_length, sources=per_source, mixing=mixing,
-        label_tokens=_label_tokens(table, train_index),
+        label_tokens=int(label_tokens[train_index].sum()),
         eval_sets={name: len(index) for name, index in eval_sets.items()} or None,
     )
-    del table, examples
+    del examples, stream
     examples_path.unlink()
     if stats_packing is not None:
         report.packing = {"summary": str(stats_packing), "efficiency": stats_packing.efficiency,

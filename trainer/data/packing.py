@@ -35,7 +35,7 @@ import bisect
 import heapq
 import inspect
 import random
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -47,7 +47,7 @@ import torch
 from torch.utils.hooks import RemovableHandle
 from transformers import DataCollatorWithFlattening
 
-from trainer.data.gather import ChunkedRows
+from trainer.data.gather import ChunkedRows, FileRows
 from trainer.data.templates import IGNORE_INDEX
 
 __all__ = [
@@ -287,16 +287,15 @@ ROW_SCHEMA = pa.schema([("input_ids", pa.list_(pa.int32())), ("labels", pa.list_
                         ("position_ids", pa.list_(pa.int32()))])
 
 
-def packed_row_batches(examples: pa.Table, rows: Sequence[Sequence[int]], rows_per_batch: int = 2048,
-                       after_take: Callable[[], None] | None = None) -> Iterator[pa.RecordBatch]:
-    """Build packed rows by gathering their examples from an Arrow table (``input_ids``, ``labels`` columns).
+def packed_row_batches(source: ChunkedRows | FileRows, rows: Sequence[Sequence[int]], rows_per_batch: int = 2048
+                       ) -> Iterator[pa.RecordBatch]:
+    """Build packed rows by gathering their examples (``input_ids``, ``labels``) from ``source``.
 
-    ``rows`` lists example indices (rows of the table) per packed row, e.g. from :func:`row_order`. Rows are made
-    ``rows_per_batch`` at a time with Arrow ``take`` (chunk by chunk: :class:`ChunkedRows`) and numpy, never as
-    Python ints, so a memory-mapped table of any size packs in bounded memory. Same rows as :func:`pack_examples`
-    for the same examples and order.
+    ``rows`` lists example indices (rows of the source) per packed row, e.g. from :func:`row_order`. Rows are made
+    ``rows_per_batch`` at a time with a gather (:mod:`trainer.data.gather`: from an Arrow table chunk by chunk, or
+    from an examples file by positional reads) and numpy, never as Python ints, so examples of any number pack in
+    bounded memory. Same rows as :func:`pack_examples` for the same examples and order.
     """
-    source = ChunkedRows(examples, ["input_ids", "labels"], after_take)
     for first in range(0, len(rows), rows_per_batch):
         chunk = rows[first : first + rows_per_batch]
         counts = np.fromiter((len(r) for r in chunk), dtype=np.int64, count=len(chunk))
@@ -326,7 +325,8 @@ def pack_dataset(ds: datasets.Dataset, max_length: int, seed: int) -> datasets.D
     table = ds.select_columns(["input_ids", "labels"]).with_format("arrow")[:]
     _check_aligned(table)
     lengths = pc.list_value_length(table.column("input_ids")).to_numpy().tolist()
-    batches = list(packed_row_batches(table, row_order(lengths, max_length, seed)))
+    rows = ChunkedRows(table, ["input_ids", "labels"])
+    batches = list(packed_row_batches(rows, row_order(lengths, max_length, seed)))
     return datasets.Dataset(pa.Table.from_batches(batches, schema=ROW_SCHEMA))
 
 
