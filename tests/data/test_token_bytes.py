@@ -12,12 +12,12 @@ import random
 
 import numpy as np
 import pytest
-from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, trainers
+from tokenizers import AddedToken, Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
 from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
 from trainer.data.encode import ConversationEncoder, _Rendered
 from trainer.data.templates import IGNORE_INDEX, label_tokens
-from trainer.data.token_bytes import TokenBytes
+from trainer.data.token_bytes import TokenBytes, _is_byte_level
 
 PIECES = ["Hello", " world", "，", "床前明月光", "疑是地上霜", " 🙂", "\n\n", "   ", "\t", "<|im_start|>", "<|im_end|>",
           "assistant\n", " 42", "3.14", "é", "ß", "naïve", "\r\n", " — ", "<s>", "</s>"]
@@ -35,9 +35,12 @@ def _spans(text: str, rng: random.Random) -> tuple[tuple[int, int], ...]:
     return tuple((a, b) for a, b in zip(cuts[::2], cuts[1::2]) if b > a)
 
 
-def _llama3_like() -> PreTrainedTokenizerFast:
-    """Llama-3 / Qwen2 style: a regex split, then byte-level without its own regex, specials added."""
+def _llama3_like(normalizer=None) -> PreTrainedTokenizerFast:
+    """Llama-3 / Qwen2 style: a regex split, then byte-level without its own regex, specials added (Qwen2 adds an NFC
+    normaliser)."""
     bpe = Tokenizer(models.BPE(unk_token=None))
+    if normalizer is not None:
+        bpe.normalizer = normalizer
     bpe.pre_tokenizer = pre_tokenizers.Sequence([
         pre_tokenizers.Split(LLAMA3_SPLIT, behavior="isolated"),  # type: ignore[arg-type]
         pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
@@ -49,11 +52,11 @@ def _llama3_like() -> PreTrainedTokenizerFast:
     return PreTrainedTokenizerFast(tokenizer_object=bpe, bos_token="<s>", eos_token="</s>")
 
 
-@pytest.fixture(scope="module", params=["tiny_builtin", "llama3_like"])
+@pytest.fixture(scope="module", params=["tiny_builtin", "llama3_like", "qwen2_like"])
 def byte_level(request, tiny_model_dir) -> PreTrainedTokenizerFast:
     if request.param == "tiny_builtin":
         return AutoTokenizer.from_pretrained(tiny_model_dir)
-    return _llama3_like()
+    return _llama3_like(normalizers.NFC() if request.param == "qwen2_like" else None)
 
 
 def _offset_labels(tokenizer, texts, spans) -> list[tuple[list[int], list[int]]]:
@@ -109,3 +112,30 @@ def test_tokenizers_that_are_not_byte_level_keep_the_offsets_path():
     encoder = ConversationEncoder(tokenizer, "{{ '' }}")
     assert encoder._bytes is None
     assert _encoded(encoder, texts, spans) == _offset_labels(tokenizer, texts, spans)
+
+
+def test_a_text_the_normal_form_changes_takes_the_offsets_path():
+    """Qwen2's NFC turns a decomposed "é" into one character: its ids spell other bytes than the text."""
+    tokenizer = _llama3_like(normalizers.NFC())
+    texts = ["cafe\u0301 au lait", "café au lait"]
+    spans = [((2, 8),), ((2, 7),)]
+    encoder = ConversationEncoder(tokenizer, "{{ '' }}")
+    assert encoder._bytes is not None
+    ids = [np.asarray(tokenizer.encode(t, add_special_tokens=False)) for t in texts]
+    assert encoder._bytes.spells(texts, ids).tolist() == [False, True]
+    assert _encoded(encoder, texts, spans) == _offset_labels(tokenizer, texts, spans)
+
+
+@pytest.mark.parametrize(("normalizer", "pre_tokenizer", "eligible"), [
+    (None, {"type": "ByteLevel", "add_prefix_space": False}, True),  # GPT-2
+    ({"type": "NFC"}, {"type": "Sequence", "pretokenizers": [{"type": "Split"}, {"type": "ByteLevel"}]}, True),  # Qwen2
+    ({"type": "Sequence", "normalizers": []}, {"type": "Sequence", "pretokenizers": [{"type": "ByteLevel"}]},
+     True),  # DeepSeek-V3
+    (None, {"type": "ByteLevel", "add_prefix_space": True}, False),  # a space before every text
+    ({"type": "Lowercase"}, {"type": "ByteLevel"}, False),
+    ({"type": "Sequence", "normalizers": [{"type": "Prepend"}, {"type": "Replace"}]}, {"type": "Metaspace"}, False),
+])
+def test_which_tokenizer_descriptions_take_the_byte_path(normalizer, pre_tokenizer, eligible):
+    config = {"normalizer": normalizer, "pre_tokenizer": pre_tokenizer, "model": {"type": "BPE"}}
+    assert _is_byte_level(config) is eligible
+    assert _is_byte_level({**config, "model": {"type": "Unigram"}}) is False

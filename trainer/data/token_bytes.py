@@ -14,8 +14,8 @@ token is then the running sum of their lengths::
 
 That this holds is checked, not assumed: :meth:`TokenBytes.spells` compares the bytes the ids spell with the text,
 a whole batch in a few numpy operations, and an example where they differ (an added token that strips the spaces
-around it, an unknown-token id, a normaliser) goes through the offsets instead. Either way the labels are those of
-:func:`trainer.data.templates.label_tokens`; only the cost differs.
+around it, an unknown-token id, a text that the tokenizer's Unicode normal form changes) goes through the offsets
+instead. Either way the labels are those of :func:`trainer.data.templates.label_tokens`; only the cost differs.
 """
 
 from __future__ import annotations
@@ -40,13 +40,26 @@ def _byte_of_char() -> dict[str, int]:
     return chars
 
 
+UNICODE_FORMS = {"NFC", "NFD", "NFKC", "NFKD"}
+
+
 def _is_byte_level(config: dict) -> bool:
-    """A BPE model over bytes: a byte-level pre-tokenizer (alone or in a sequence) and no normaliser."""
-    if config.get("normalizer") is not None or (config.get("model") or {}).get("type") != "BPE":
+    """A BPE model over bytes: a byte-level pre-tokenizer (alone or in a sequence) that adds no space, and at most a
+    Unicode normal form (Qwen's NFC) or an empty sequence (DeepSeek's) as normaliser.
+
+    A normal form can change a text (a decomposed "é"), so the ids of such a text no longer spell it and it takes
+    the offsets path (see :meth:`TokenBytes.spells`); texts already in that form, nearly all, take the byte path.
+    """
+    if (config.get("model") or {}).get("type") != "BPE":
+        return False
+    normalizer = config.get("normalizer") or {}
+    forms = normalizer.get("normalizers", []) if normalizer.get("type") == "Sequence" else [normalizer]
+    if any(n and n.get("type") not in UNICODE_FORMS for n in forms):
         return False
     pre = config.get("pre_tokenizer") or {}
     parts = pre.get("pretokenizers", []) if pre.get("type") == "Sequence" else [pre]
-    return any(p.get("type") == "ByteLevel" for p in parts)
+    levels = [p for p in parts if p.get("type") == "ByteLevel"]
+    return bool(levels) and not any(p.get("add_prefix_space") for p in levels)
 
 
 class TokenBytes:
