@@ -3,8 +3,9 @@
 :func:`prepare_data` writes the result as memory-mapped Arrow files into a content-addressed folder (see
 :mod:`trainer.data.prepared`); everything else reads it from there. The work streams: records are read one at a
 time, tokenised a batch at a time (in ``num_proc`` worker processes), written to Arrow as they come, split, mixed
-and packed from the example *lengths* alone, and rows are gathered from the memory-mapped examples. Memory stays
-flat whatever the size of the data.
+and packed from the example *lengths* alone, and rows are gathered from the examples file by positional reads
+(:class:`trainer.data.gather.FileRows`). Memory stays flat whatever the size of the data: 0.79 GB peak RSS for 50k
+conversations, 0.97 GB for a million (``bench/prepare.py``).
 
 Nothing is dropped silently: bad records (with ``--on_bad_record skip``), examples left without a trained token,
 truncated and dropped examples, what mixing leaves out — all are counted in the report, which is logged and written
