@@ -91,8 +91,6 @@ PACKAGES = ("torch", "transformers", "datasets", "tokenizers", "trl", "pyarrow",
 REPO = Path(__file__).resolve().parents[1]
 RESULTS = REPO / "bench" / "results"
 CONTENDERS = ("ours", "trl", "legacy")
-# On 2 cores (2026-12-02, 50k conversations): ours fastest in one process (its default there: the Rust tokenizer
-# threads beside the reader), trl and legacy with 2 dataset workers (1 worker: legacy 203 s against 176 s).
 DEFAULT_WORKERS = "ours=auto,trl=2,legacy=2"
 LEGACY_COMMIT = "7801736"
 IGNORE_INDEX = -100

@@ -91,8 +91,8 @@ class FileRows:
 
     Where each row's values lie in the file (a start and a length: 16 bytes per row and column, 32 MB for the million
     examples of the 1M-conversation benchmark) is read once from the list offsets, and the mapped pages that touches
-    are handed back at once. A take then reads every row's bytes into one
-    result buffer per column; the result is the same table as :meth:`ChunkedRows.take`.
+    are handed back at once. A take then reads every row's bytes into one result buffer per column; the result is
+    the same table as :meth:`ChunkedRows.take`.
     """
 
     def __init__(self, stream: MappedStream, columns: Sequence[str]) -> None:

@@ -3,7 +3,7 @@
 Labels need, for every trained character span, the tokens that overlap it. The Rust tokenizer can say so through
 the offsets of each token, but tracking offsets through normalisation and pre-tokenisation is a quarter of its
 time (``encode_batch`` against ``encode_batch_fast``, measured on the benchmark corpus). A byte-level BPE tokenizer
-(GPT-2, Llama-3, Qwen, Mistral's Tekken, DeepSeek…) needs none of it: every id stands for a fixed byte string, and
+(GPT-2, Llama-3, Qwen, DeepSeek…) needs none of it: every id stands for a fixed byte string, and
 the byte strings of a text's ids spelled one after another *are* the text's UTF-8 bytes. The position of each
 token is then the running sum of their lengths::
 
@@ -98,13 +98,15 @@ class TokenBytes:
     def spells(self, texts: Sequence[str], ids: Sequence[np.ndarray]) -> np.ndarray:
         """Per example: do its ids, spelled out, give exactly its text's UTF-8 bytes?"""
         encoded = [t.encode("utf-8") for t in texts]
-        per_example = np.array([int(self.lengths[i].sum()) for i in ids], dtype=np.int64)
+        every = np.concatenate(ids) if len(ids) else np.zeros(0, dtype=np.int64)
+        lengths = self.lengths[every]
+        spelled_end = np.concatenate([[0], np.cumsum(lengths)])  # bytes spelled up to each token of the batch
+        bounds = np.concatenate([[0], np.cumsum([len(i) for i in ids])]).astype(np.int64)
+        per_example = spelled_end[bounds[1:]] - spelled_end[bounds[:-1]]
         wanted = np.array([len(b) for b in encoded], dtype=np.int64)
-        if np.array_equal(per_example, wanted) and len(ids):
-            every = np.concatenate(ids)
-            lengths = self.lengths[every]
-            written = np.cumsum(lengths) - lengths  # where each token's bytes start in the spelled batch
-            position = np.repeat(self.starts[every] - written, lengths) + np.arange(int(lengths.sum()))
+        if np.array_equal(per_example, wanted):
+            written = spelled_end[:-1]  # where each token's bytes start in the spelled batch
+            position = np.repeat(self.starts[every] - written, lengths) + np.arange(int(spelled_end[-1]))
             if np.array_equal(self.flat[position], np.frombuffer(b"".join(encoded), dtype=np.uint8)):
                 return np.ones(len(texts), dtype=bool)
         return np.array([b"".join(self._table[i] for i in example) == text
@@ -113,8 +115,9 @@ class TokenBytes:
     def labels(self, text: str, ids: np.ndarray, spans: Sequence[tuple[int, int]], ignore_index: int) -> np.ndarray:
         """``ids`` where the token overlaps a trained character span, else ``ignore_index`` (``ids`` must spell
         ``text``: see :meth:`spells`)."""
-        ends = np.cumsum(self.lengths[ids])
-        starts = ends - self.lengths[ids]
+        lengths = self.lengths[ids]
+        ends = np.cumsum(lengths)
+        starts = ends - lengths
         labels = np.full(len(ids), ignore_index, dtype=np.int32)
         ascii_only = text.isascii()
         for start, end in spans:
