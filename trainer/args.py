@@ -15,6 +15,7 @@ import torch
 import yaml
 from transformers import HfArgumentParser, TrainingArguments
 
+from trainer.errors import UserError
 from trainer.metrics import resolve_metric_names
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -238,7 +239,7 @@ class Config:
     sources: dict[str, str] = field(default_factory=dict)
 
 
-class ConfigError(ValueError):
+class ConfigError(UserError, ValueError):
     """A recipe or flag combination that cannot run; the message says what to change."""
 
 

@@ -15,9 +15,10 @@ import datasets
 import torch
 
 from trainer.data.templates import IGNORE_INDEX
+from trainer.errors import UserError
 
 
-class BatchSizeError(ValueError):
+class BatchSizeError(UserError, ValueError):
     pass
 
 

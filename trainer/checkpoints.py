@@ -15,11 +15,13 @@ from pathlib import Path
 import torch.distributed as dist
 from transformers import TrainerCallback
 
+from trainer.errors import UserError
+
 MARKER = "COMPLETE"
 _CHECKPOINT = re.compile(r"^checkpoint-(\d+)$")
 
 
-class CheckpointError(ValueError):
+class CheckpointError(UserError, ValueError):
     pass
 
 

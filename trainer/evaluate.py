@@ -28,9 +28,8 @@ import json
 import logging
 
 from trainer import markdown
-from trainer.data.formats import DataError
 from trainer.data.prompts import read_references
-from trainer.data.templates import TemplateError
+from trainer.errors import UserError
 from trainer.generate import (
     GenerateError,
     Generator,
@@ -40,7 +39,6 @@ from trainer.generate import (
     read_items,
     training_system_prompt,
 )
-from trainer.inference import InferenceLoadError
 from trainer.metrics import (
     MetricsResult,
     compute_metrics,
@@ -49,7 +47,6 @@ from trainer.metrics import (
     resolve_metric_names,
     side_by_side,
 )
-from trainer.model import ModelSetupError
 
 logger = logging.getLogger("evaluate")
 
@@ -166,7 +163,7 @@ def main(argv: list[str] | None = None) -> int:
             raise GenerateError(str(error)) from None
         print(_report(args, generator, items, references, tuned, scored, base, base_scored))
         return 0
-    except (GenerateError, InferenceLoadError, ModelSetupError, TemplateError, DataError, OSError) as error:
+    except (UserError, OSError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
 

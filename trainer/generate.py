@@ -30,19 +30,20 @@ from transformers.trainer_utils import set_seed
 
 from trainer import markdown
 from trainer.checkpoints import complete_checkpoints
-from trainer.data.formats import DataError, iter_records
+from trainer.data.formats import iter_records
 from trainer.data.prompts import Prompt, read_prompts, to_prompt
-from trainer.data.templates import TemplateError, resolve_template
-from trainer.inference import InferenceLoadError, adapter_base, is_adapter, is_model, load_for_inference
+from trainer.data.templates import resolve_template
+from trainer.errors import UserError
+from trainer.inference import adapter_base, is_adapter, is_model, load_for_inference
 from trainer.merge import DTYPES, stop_token_ids
-from trainer.model import ModelSetupError, resize_for_tokenizer
+from trainer.model import resize_for_tokenizer
 from trainer.run_config import read_run_config
 from trainer.sampling import default_generation_config, generate_replies
 
 logger = logging.getLogger("generate")
 
 
-class GenerateError(ValueError):
+class GenerateError(UserError, ValueError):
     pass
 
 
@@ -348,7 +349,7 @@ def main(argv: list[str] | None = None) -> int:
             items = [Item(to_prompt([{"role": "user", "content": p}], args.system), p) for p in args.prompt]
         generator = Generator(args)
         return generator.run_file(items) if items is not None else generator.run_interactive()
-    except (GenerateError, InferenceLoadError, ModelSetupError, TemplateError, DataError, OSError) as error:
+    except (UserError, OSError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
 

@@ -14,10 +14,11 @@ from pathlib import Path
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
+from trainer.errors import UserError
 from trainer.model import resize_for_tokenizer
 
 
-class InferenceLoadError(ValueError):
+class InferenceLoadError(UserError, ValueError):
     """A folder that holds neither a model nor an adapter, or an adapter whose base cannot be found."""
 
 

@@ -33,6 +33,7 @@ import torch
 import torch.distributed as dist
 
 from trainer.data.packing import pack_examples
+from trainer.errors import UserError
 
 logger = logging.getLogger(__name__)
 
@@ -45,7 +46,7 @@ LEAK_TOLERANCE = {torch.float32: 1e-5, torch.float64: 1e-10, torch.bfloat16: 1e-
 _RECURRENT = re.compile(r"Mamba|Mixer|DeltaNet|Rwkv|RWKV|Recurrent|Lru|ShortConv|LinearAttention|SSM|Lightning")
 
 
-class IsolationError(RuntimeError):
+class IsolationError(UserError, RuntimeError):
     """Packed examples would attend to each other on this model; the message says how much and what to do."""
 
 

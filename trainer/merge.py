@@ -25,15 +25,15 @@ import tempfile
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from trainer.inference import InferenceLoadError, is_adapter, is_model, load_for_inference
-from trainer.model import ModelSetupError
+from trainer.errors import UserError
+from trainer.inference import is_adapter, is_model, load_for_inference
 
 logger = logging.getLogger("merge")
 
 DTYPES = {"auto": None, "float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
-class MergeError(ValueError):
+class MergeError(UserError, ValueError):
     pass
 
 
@@ -136,7 +136,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         output = merge_adapter(args.adapter, args.output, base_model=args.base_model, dtype=DTYPES[args.dtype],
                                max_shard_size=args.max_shard_size, force=args.force)
-    except (MergeError, InferenceLoadError, ModelSetupError) as error:
+    except UserError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
     print(output)

@@ -12,12 +12,14 @@ import os
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
+from trainer.errors import UserError
+
 logger = logging.getLogger(__name__)
 
 FLASH_ATTN_INSTALL = "pip install 'sft-trainer[flash]' (or: pip install flash-attn --no-build-isolation)"
 
 
-class ModelSetupError(ValueError):
+class ModelSetupError(UserError, ValueError):
     pass
 
 

@@ -11,11 +11,12 @@ import shutil
 from pathlib import Path
 
 from trainer.checkpoints import complete_checkpoints
+from trainer.errors import UserError
 
 FINISHED_MARKER = "train_results.json"
 
 
-class OutputDirError(ValueError):
+class OutputDirError(UserError, ValueError):
     pass
 
 

@@ -19,9 +19,7 @@ import logging
 import os
 
 from trainer.args import ConfigError, parse_config
-from trainer.data.formats import DataError
-from trainer.data.templates import TemplateError
-from trainer.model import ModelSetupError
+from trainer.errors import UserError
 from trainer.preparation import prepare, setup_data
 
 logger = logging.getLogger("sft")
@@ -38,7 +36,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         setup = setup_data(cfg)
         prepared = prepare(cfg, setup, show_progress=True)
-    except (DataError, TemplateError, ModelSetupError) as error:
+    except UserError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
     logger.info("%s", prepared.report.summary())

@@ -22,28 +22,24 @@ from transformers.trainer_utils import set_seed
 
 from trainer import outputs
 from trainer.args import Config, ConfigError, parse_config
-from trainer.batch import BatchSizeError, gradient_accumulation_for, world_size_from_env
+from trainer.batch import gradient_accumulation_for, world_size_from_env
 from trainer.callbacks.eval_generation import EvalGenerationCallback
 from trainer.callbacks.isolation import PackingIsolationCallback
 from trainer.callbacks.preemption import PREEMPTED_EXIT_CODE, PreemptionCallback
-from trainer.checkpoints import CheckpointError, MarkCompleteCallback, resolve_resume
-from trainer.data.formats import DataError
+from trainer.checkpoints import MarkCompleteCallback, resolve_resume
 from trainer.data.packing import PackedCollator, PaddedCollator, PaddingFreeCollator, install_isolation_guard
 from trainer.data.prompts import to_prompt
-from trainer.data.templates import TemplateError, end_of_turn_token_id
-from trainer.isolation import IsolationError
-from trainer.model import ModelSetupError, load_model, resize_for_tokenizer
+from trainer.data.templates import end_of_turn_token_id
+from trainer.errors import UserError
+from trainer.model import load_model, resize_for_tokenizer
 from trainer.preparation import prepare, setup_data
 from trainer.preview import preview
 from trainer.run_config import write_run_config
 from trainer.samples import SampleRecorder, load_sample_prompts
 from trainer.sampling import default_generation_config
-from trainer.sft_trainer import LossSetupError, SFTTrainer
+from trainer.sft_trainer import SFTTrainer
 
 logger = logging.getLogger("sft")
-
-USER_ERRORS = (ConfigError, DataError, TemplateError, ModelSetupError, BatchSizeError, CheckpointError,
-               outputs.OutputDirError, IsolationError, LossSetupError)
 
 
 def setup_logging(cfg: Config) -> None:
@@ -221,7 +217,7 @@ def main(argv: list[str] | None = None) -> int:
         code = run(cfg)
         finished = code == 0
         return code
-    except USER_ERRORS as error:
+    except UserError as error:
         logger.error("%s", error)
         print(f"error: {error}", file=sys.stderr)
         return 2

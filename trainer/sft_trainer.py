@@ -21,6 +21,7 @@ from transformers import Trainer, TrainerCallback
 
 from trainer.batch import GlobalBatchSampler, with_empty_row
 from trainer.data.templates import IGNORE_INDEX
+from trainer.errors import UserError
 from trainer.loss import CHUNKED_MIN_LOGITS, causal_lm_loss, chunked_lm_loss_unsupported
 
 logger = logging.getLogger("sft")
@@ -49,7 +50,7 @@ class _SamplerEpoch(TrainerCallback):
             sampler.set_epoch(state.global_step // (len(sampler) // sampler.global_batch_size))
 
 
-class LossSetupError(ValueError):
+class LossSetupError(UserError, ValueError):
     """``--loss_impl`` cannot be honoured for this model or with these options."""
 
 

@@ -14,6 +14,8 @@ from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from trainer.errors import UserError
+
 Message = dict[str, str]
 Conversation = list[Message]
 
@@ -28,7 +30,7 @@ REASONING_KEYS = ("reasoning_content", "reasoning", "thinking")
 _WS = re.compile(r"[ \t\n\r]*")
 
 
-class DataError(ValueError):
+class DataError(UserError, ValueError):
     """A problem with training data the user must fix; the message says where (``path:line:``) and what."""
 
 

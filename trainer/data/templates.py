@@ -46,6 +46,8 @@ from typing import Any
 from transformers import PreTrainedTokenizerBase
 from transformers.utils.chat_template_utils import _compile_jinja_template, render_jinja_template
 
+from trainer.errors import UserError
+
 IGNORE_INDEX = -100
 
 CHATML = (
@@ -78,7 +80,7 @@ BUILTIN_TEMPLATES: dict[str, str] = {"chatml": CHATML, "llama2": LLAMA2}
 _GENERATION_TAG = re.compile(r"\{%-?\s*generation\s*-?%\}")
 
 
-class TemplateError(ValueError):
+class TemplateError(UserError, ValueError):
     """A chat template that cannot be used for training on this data (or is missing); the message says why."""
 
 
