@@ -16,7 +16,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from tests.conftest import DEMO_RECIPE, REPO, run_sft, shared_file
+from tests.conftest import DEMO_RECIPE, DEMO_TEST, REPO, run_sft
 from trainer import generate, merge
 from trainer.args import FinetuneArguments
 from trainer.checkpoints import mark_complete
@@ -220,23 +220,22 @@ def test_added_tokens_survive_training_saving_and_merging(lora_run, tiny_model_d
 
 @pytest.mark.slow
 def test_generate_test_file_with_before_after_table(lora_run, tmp_path, capsys):
-    tests = shared_file("tang", "Tang_testing_data.json")
-    records = json.loads(tests.read_text(encoding="utf-8"))
+    records = json.loads(DEMO_TEST.read_text(encoding="utf-8"))
     results = tmp_path / "results.txt"
     assert resolve_model_path(lora_run, "latest") == lora_run / "checkpoint-4"
     code = generate.main(["--model", str(lora_run), "--checkpoint", "latest", "--compare", "base",
-                          "--input_file", str(tests), "--output_file", str(results), "--max_new_tokens", "8",
+                          "--input_file", str(DEMO_TEST), "--output_file", str(results), "--max_new_tokens", "8",
                           "--no_repeat_ngram_size", "3"])
     assert code == 0
     lines = results.read_text(encoding="utf-8").splitlines()
-    assert len(lines) == len(records) == 15
+    assert len(lines) == len(records) == 5
     assert all(line.startswith(f"{i + 1}. {r['input']}") for i, (line, r) in enumerate(zip(lines, records)))
     rows = [json.loads(line) for line in (tmp_path / "results.jsonl").read_text(encoding="utf-8").splitlines()]
-    assert len(rows) == 15 and all("prediction" in r and "base" in r for r in rows)
+    assert len(rows) == 5 and all("prediction" in r and "base" in r for r in rows)
     assert any(r["prediction"] != r["base"] for r in rows)  # the fine-tune changed something
     table = (tmp_path / "results_compare.md").read_text(encoding="utf-8")
     assert "before (base)" in table and "after (fine-tuned)" in table and "checkpoint-4" in table
-    assert sum(line.startswith("| ") for line in table.splitlines()) == 16  # header + 15 prompts
+    assert sum(line.startswith("| ") for line in table.splitlines()) == 6  # header + 5 prompts
 
     assert generate.main(["--model", str(lora_run), "--checkpoint", "9", "--prompt", "hi"]) == 2
     assert "checkpoint-2, checkpoint-4" in capsys.readouterr().err

@@ -20,7 +20,6 @@ from trainer.callbacks.swanlab import resolve_mode
 from trainer.run_config import REDACTED, scrub
 
 REPO = Path(__file__).resolve().parents[1]
-TANG = REPO.parent / "shared" / "data" / "tang" / "Tang_training_data.json"
 FAKE_KEY = "sk-fake-test-key-123"
 
 
@@ -54,13 +53,9 @@ def test_scrub_removes_secrets_but_keeps_token_counts():
 
 
 @pytest.fixture
-def job(tmp_path):
-    """Paths and environment for one small training job; skips when the shared Tang data is not there."""
-    if not TANG.is_file():
-        pytest.skip(f"{TANG} not present")
-    records = json.loads(TANG.read_text(encoding="utf-8"))[:64]
-    data = tmp_path / "tang64.json"
-    data.write_text(json.dumps(records, ensure_ascii=False), encoding="utf-8")
+def job(tmp_path, tang_slice):
+    """Paths and environment for one small training job on 64 Tang records."""
+    data = tang_slice
     env = {k: v for k, v in os.environ.items() if not k.startswith("SWANLAB_")}
     cache = Path(os.environ.get("SFT_TEST_CACHE", tmp_path / "cache"))  # reuse across tests when set
     env.update(SFT_CACHE_DIR=str(cache), SWANLAB_API_KEY=FAKE_KEY, TOKENIZERS_PARALLELISM="false")

@@ -4,10 +4,8 @@ from pathlib import Path
 
 import pytest
 
+from tests.conftest import DEMO_DATA, DEMO_TEST, needs_full_data, shared_file
 from trainer.data.formats import DataError, SkippedRecord, detect_format, read_conversations
-
-SHARED_DATA = Path(__file__).resolve().parents[2].parent / "shared" / "data"
-needs_shared = pytest.mark.skipif(not SHARED_DATA.is_dir(), reason="shared test data not present")
 
 
 def U(text):
@@ -130,24 +128,30 @@ def test_detect_format_returns_none_for_unknown_shapes():
     assert detect_format(["not", "a", "dict"]) is None
 
 
-@needs_shared
-@pytest.mark.parametrize(
-    ("relative", "count"), [("tang/Tang_training_data.json", 5001), ("huanhuan/huanhuan.json", 3729)]
-)
-def test_shared_sets_read_completely(relative, count):
+def _reads_completely(path: Path, count: int) -> None:
     start = time.perf_counter()
-    result = read_conversations(SHARED_DATA / relative)
+    result = read_conversations(path)
     elapsed = time.perf_counter() - start
     assert result.format == "alpaca"
     assert len(result.conversations) == count == len(result.lines)
     assert result.skipped == []
     assert all(len(c) == 2 and c[1]["content"].strip() for c in result.conversations)
-    assert elapsed < 1.0, f"reading {relative} took {elapsed:.2f}s"
+    assert elapsed < 1.0, f"reading {path.name} took {elapsed:.2f}s"
 
 
-@needs_shared
+def test_demo_set_reads_completely():
+    _reads_completely(DEMO_DATA / "tang_train.json", 400)
+
+
+@needs_full_data
+def test_full_sets_read_completely_and_fast():
+    """An extra: the full sets' sizes (and a 1 s bound on 5,001 records) need the files themselves."""
+    _reads_completely(shared_file("tang", "Tang_training_data.json"), 5001)
+    _reads_completely(shared_file("huanhuan", "huanhuan.json"), 3729)
+
+
 def test_tang_first_record_matches_the_notebook_prompt_text():
-    first = read_conversations(SHARED_DATA / "tang" / "Tang_training_data.json").conversations[0]
+    first = read_conversations(DEMO_DATA / "tang_train.json").conversations[0]  # the full set's first record too
     assert first[0] == U("以下是一首唐詩的第一句話，請用你的知識判斷並完成整首詩。\n秦川雄帝宅，函谷壯皇居。")
     assert first[1]["content"].startswith("綺殿千尋起")
 
@@ -293,13 +297,10 @@ def test_rejects_unknown_on_bad_record_value(tmp_path):
 def test_prompt_files_may_lack_answers_but_are_still_checked(tmp_path):
     from trainer.data.prompts import read_prompts
 
-    test_set = SHARED_DATA / "tang" / "Tang_testing_data.json"
-    if not test_set.is_file():
-        pytest.skip("shared data not present")
-    with pytest.raises(DataError, match="Tang_testing_data.json:2: missing field 'output'"):
-        read_conversations(test_set)
-    prompts = read_prompts(test_set, system="poet")
-    assert len(prompts) == 15 and all(p.reference is None for p in prompts)
+    with pytest.raises(DataError, match="tang_test.json:2: missing field 'output'"):
+        read_conversations(DEMO_TEST)
+    prompts = read_prompts(DEMO_TEST, system="poet")
+    assert len(prompts) == 5 and all(p.reference is None for p in prompts)
     assert prompts[0].messages[0] == {"role": "system", "content": "poet"}
     assert prompts[0].messages[-1]["role"] == "user" and "\n" in prompts[0].text
     bad = tmp_path / "p.jsonl"

@@ -5,11 +5,9 @@ from pathlib import Path
 import pytest
 import yaml
 
+from tests.conftest import DEMO_DATA, SHARED_DATA, needs_full_data, shared_file
 from trainer.data.formats import DataError, read_conversations
-from trainer.data.registry import has_split, load_registry, registered_names, resolve_dataset
-
-SHARED_DATA = Path(__file__).resolve().parents[2].parent / "shared" / "data"
-needs_shared = pytest.mark.skipif(not SHARED_DATA.is_dir(), reason="shared test data not present")
+from trainer.data.registry import has_split, load_registry, registered_names, resolve_dataset, resolve_references
 
 TANG_TRAIN_SHA = "b464f5acf5a0443f1cebb60604b4cc28dd4deb1d6e7edc1583283c1d9fc2783c"
 CONTENT = b'[{"instruction": "q", "output": "a"}]\n'
@@ -37,23 +35,26 @@ def test_default_registry_lists_tang_huanhuan_and_the_demo_subset():
     assert has_split("tang", "test") and not has_split("huanhuan", "test")
 
 
-@needs_shared
-@pytest.mark.parametrize(("name", "split"), [("tang", "train"), ("tang", "test"), ("huanhuan", "train")])
-def test_registered_checksums_match_the_shared_copies(name, split):
-    source = load_registry()[name]["splits"][split]
-    filename = source["url"].rsplit("/", 1)[-1]
-    assert hashlib.sha256((SHARED_DATA / name / filename).read_bytes()).hexdigest() == source["sha256"]
+def test_shipped_demo_files_match_their_registered_checksums():
+    splits = load_registry()["tang-demo"]["splits"]
+    for source in (splits["train"], splits["test"], splits["test"]["references"]):
+        assert hashlib.sha256((DEMO_DATA.parent / source["path"]).read_bytes()).hexdigest() == source["sha256"]
+    assert resolve_dataset("tang-demo") == [DEMO_DATA / "tang_train.json"]
+    assert resolve_dataset("tang-demo", split="test") == [DEMO_DATA / "tang_test.json"]
+    assert resolve_references("tang-demo", "test") == DEMO_DATA / "tang_test_gt.txt"
 
 
-@needs_shared
-def test_resolves_tang_from_data_dir_flag():
+@needs_full_data
+def test_full_sets_match_their_checksums_and_resolve_from_a_local_copy(tmp_path, monkeypatch):
+    """An extra: the registered digests are those of the published files, which only the files themselves prove."""
+    registry = load_registry()
+    for name, split in (("tang", "train"), ("tang", "test"), ("huanhuan", "train")):
+        source = registry[name]["splits"][split]
+        path = shared_file(name, source["url"].rsplit("/", 1)[-1])
+        assert hashlib.sha256(path.read_bytes()).hexdigest() == source["sha256"]
     files = resolve_dataset("tang", data_dir=SHARED_DATA)
     assert files == [SHARED_DATA / "tang" / "Tang_training_data.json"]
     assert len(read_conversations(files[0]).conversations) == 5001
-
-
-@needs_shared
-def test_resolves_from_env_data_dir_and_flat_layout(tmp_path, monkeypatch):
     shutil.copy(SHARED_DATA / "tang" / "Tang_testing_data.json", tmp_path / "Tang_testing_data.json")
     monkeypatch.setenv("SFT_DATA_DIR", str(tmp_path))
     assert resolve_dataset("tang", split="test") == [tmp_path / "Tang_testing_data.json"]
@@ -62,6 +63,22 @@ def test_resolves_from_env_data_dir_and_flat_layout(tmp_path, monkeypatch):
         SHARED_DATA / "tang" / "Tang_training_data.json",
         SHARED_DATA / "huanhuan" / "huanhuan.json",
     ]
+
+
+def test_resolves_a_local_copy_from_the_flag_or_the_environment_nested_or_flat(tmp_path, monkeypatch):
+    """--data_dir DIR and SFT_DATA_DIR=DIR find DIR/<name>/<file> and DIR/<file>, checked, with no download."""
+    registry = write_registry(tmp_path, (tmp_path / "unreachable" / "toy.json").as_uri())
+    nested = tmp_path / "nested" / "toy" / "toy.json"
+    nested.parent.mkdir(parents=True)
+    nested.write_bytes(CONTENT)
+    assert resolve_dataset("toy", data_dir=tmp_path / "nested", registry_file=registry) == [nested]
+    flat = tmp_path / "flat" / "toy.json"
+    flat.parent.mkdir()
+    flat.write_bytes(CONTENT)
+    monkeypatch.setenv("SFT_DATA_DIR", str(tmp_path / "flat"))
+    assert resolve_dataset("toy", registry_file=registry) == [flat]
+    assert resolve_dataset(f"toy,{nested}", registry_file=registry) == [flat, nested]
+    assert not (tmp_path / "cache" / "datasets").exists()  # nothing fetched or cached
 
 
 def test_tampered_local_copy_names_expected_and_actual_digest(tmp_path):

@@ -8,7 +8,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from tests.conftest import REPO, run_sft, shared_file
+from tests.conftest import DEMO_TEST, REPO, run_sft
 
 pytestmark = pytest.mark.slow
 
@@ -20,7 +20,7 @@ def trained(tang_slice, tmp_path_factory):
         str(REPO / "recipes" / "tiny_tang.yaml"),
         "--dataset", str(tang_slice), "--output_dir", str(out), "--max_steps", "12", "--logging_steps", "1",
         "--report_to", "none", "--num_sample_prompts", "2", "--sample_max_new_tokens", "8",
-        "--sample_prompts", str(shared_file("tang", "Tang_testing_data.json")),
+        "--sample_prompts", str(DEMO_TEST),
         "--save_steps", "6",
     )
     return out, result
