@@ -13,7 +13,7 @@ import shlex
 from dataclasses import dataclass
 from pathlib import Path
 
-NEEDS = ("GPU", "network", "Slurm", "root", "Chromium")
+NEEDS = ("GPU", "network", "Slurm", "root", "Chromium", "data")  # data: a copy of a data set the user supplies
 SHELL_LANGUAGES = ("bash", "sh", "shell", "console")
 CONTROL = {"&&", "||", "|", ";", "&"}
 # Values for the variables the docs use, so that their commands parse as they would on a real machine.
@@ -49,8 +49,8 @@ class SimpleCommand:
 
 
 def documented_files(repo: Path) -> list[Path]:
-    """README.md first (its set-up comes first), then docs/*.md by name."""
-    return [repo / "README.md", *sorted((repo / "docs").glob("*.md"))]
+    """README.md first (its set-up comes first), then docs/*.md by name, then the data guide."""
+    return [repo / "README.md", *sorted((repo / "docs").glob("*.md")), repo / "data" / "README.md"]
 
 
 def commands_in(name: str, markdown: str) -> list[Command]:

@@ -73,7 +73,7 @@ class Check:
 
     def needs_input(self, path: str | None, what: str) -> None:
         """A file or folder the command reads: in the repo or made earlier (unless the network supplies it)."""
-        if path and not self.state.has(str(path)) and "network" not in self.command.needs:
+        if path and not self.state.has(str(path)) and not {"network", "data"} & self.command.needs:
             self.problem(f"{what} {path} is neither in the repository nor made by an earlier command")
 
     def model(self, name: str, what: str) -> None:
@@ -123,9 +123,9 @@ def check_call(check: Check, argv: list[str], env: dict[str, str]) -> None:
     if tool in NOT_ON_PATH:
         check.problem(f"`{tool}` is not on PATH after scripts/install.sh: write .venv/bin/{tool}")
     elif tool == ".venv/bin/python":
-        check_python(check, args)
+        check_python(check, args, env)
     elif tool == ".venv/bin/accelerate":
-        check_accelerate(check, args)
+        check_accelerate(check, args, env)
     elif tool == ".venv/bin/swanlab":
         check_swanlab(check, args)
     elif tool == ".venv/bin/pip":
@@ -165,19 +165,19 @@ def check_script(check: Check, script: str, args: list[str]) -> None:
         check.needs_input(args[0], "SwanLab folder")
 
 
-def check_python(check: Check, args: list[str]) -> None:
+def check_python(check: Check, args: list[str], env: dict[str, str]) -> None:
     if args[:2] == ["-m", "pytest"]:
         return
     script, rest = args[0], args[1:]
     if script in ("trainer/sft.py", "trainer/prepare.py"):
-        check_sft(check, script, rest, processes=1)
+        check_sft(check, script, rest, processes=1, env=env)
     elif script in ("trainer/evaluate.py", "trainer/generate.py", "trainer/merge.py"):
         check_tool(check, script, rest)
     else:
         check_script(check, script, rest)
 
 
-def check_accelerate(check: Check, args: list[str]) -> None:
+def check_accelerate(check: Check, args: list[str], env: dict[str, str]) -> None:
     from accelerate.commands.launch import _validate_launch_command, launch_command_parser
 
     if args[:1] != ["launch"]:
@@ -202,10 +202,11 @@ def check_accelerate(check: Check, args: list[str]) -> None:
     if launch.training_script not in ("trainer/sft.py", "trainer/prepare.py"):
         check.problem(f"accelerate launch {launch.training_script}: not one of our training entry points")
         return
-    check_sft(check, launch.training_script, launch.training_script_args, processes=max(launch.num_processes or 1, 1))
+    check_sft(check, launch.training_script, launch.training_script_args, max(launch.num_processes or 1, 1), env)
 
 
-def check_sft(check: Check, script: str, args: list[str], processes: int, record: bool = True) -> None:
+def check_sft(check: Check, script: str, args: list[str], processes: int, env: dict[str, str],
+              record: bool = True) -> None:
     """Our real option parser, the files it names, what it needs, the batch arithmetic, and its output folder."""
     from trainer.args import ConfigError, parse_config
     from trainer.batch import BatchSizeError, gradient_accumulation_for
@@ -224,8 +225,8 @@ def check_sft(check: Check, script: str, args: list[str], processes: int, record
         name = item.strip().rsplit(":", 1)[0] if ":" in item and item.rsplit(":", 1)[1].replace(".", "").isdigit() \
             else item.strip()
         if name in registry:
-            if any("url" in split for split in registry[name]["splits"].values()):
-                check.needs.add("network")
+            if any("url" in split for split in registry[name]["splits"].values()):  # a download, or your copy
+                check.needs.add("data" if cfg.data.data_dir or "SFT_DATA_DIR" in env else "network")
         elif name:
             check.needs_input(name, "data")
     if cfg.data.sample_prompts not in (None, "auto", "none"):
@@ -309,7 +310,8 @@ def check_sbatch(check: Check, args: list[str], env: dict[str, str]) -> None:
     if script == "slurm/tang.sh" and not (trainer_args and trainer_args[0].endswith((".yaml", ".yml"))):
         trainer_args = ["recipes/tang_breeze_qlora.yaml", *trainer_args]
     per_node = gpus or int(env.get("PROCS_PER_NODE", 1))
-    check_sft(check, "trainer/sft.py", trainer_args, processes=int(options.get("--nodes", 1)) * per_node, record=False)
+    processes = int(options.get("--nodes", 1)) * per_node
+    check_sft(check, "trainer/sft.py", trainer_args, processes, env, record=False)
 
 
 # ------------------------------------------------------------------------------------------------ the docs as shipped
@@ -355,6 +357,8 @@ SETUP = "```bash\nbash scripts/install.sh && .venv/bin/accelerate launch trainer
     (".venv/bin/python trainer/merge.py --adapter outputs/tiny-tang --output outputs/tiny-tang", "refuses it"),
     ("sbatch slurm/train.sh recipes/tiny_tang.yaml   # needs GPU, network", "needs Slurm"),
     ("scripts/swanlab_screenshot.sh outputs/tiny-tang/swanlog x.png", "needs Chromium"),
+    (".venv/bin/python trainer/prepare.py recipes/tiny_tang.yaml --dataset tang --data_dir ~/copies",
+     "needs data, which its comment does not say"),
     ("tiny-tool --go   # needs GPU", "not a tool"),
     (".venv/bin/python trainer/sft.py --help   # needs GPUs", "'# needs GPUs'"),
 ])
