@@ -164,14 +164,16 @@ class ConversationEncoder:
         return out, out_owner, out_document, out_tools
 
     def _count_tokens(self, text: str, ids: np.ndarray, spans: tuple[tuple[int, int], ...]) -> int:
-        """Tokens of ``text`` (tokenised as ``ids``) that overlap ``spans``, by the labelling rule."""
+        """Tokens of ``text`` (tokenised as ``ids``) that overlap ``spans``, by the labelling rule, within the first
+        ``max_length`` (what truncation keeps)."""
         if self._bytes is not None and bool(self._bytes.spells([text], [ids])[0]):
-            return int(np.sum(self._bytes.labels(text, ids, spans, -1) != -1))
-        if self._backend is not None:
-            return int(np.sum(self._with_offsets(self._backend.encode(text, add_special_tokens=False), spans)[1]
-                              != IGNORE_INDEX))
-        offsets = self.tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)["offset_mapping"]
-        return sum(label_tokens(offsets, spans))
+            inside = self._bytes.labels(text, ids, spans, -1) != -1
+        elif self._backend is not None:
+            inside = self._with_offsets(self._backend.encode(text, add_special_tokens=False), spans)[1] != IGNORE_INDEX
+        else:
+            offsets = self.tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)["offset_mapping"]
+            inside = np.asarray(label_tokens(offsets, spans), dtype=bool)
+        return int(np.sum(inside[: self.max_length]))
 
     def _tokenize(self, texts: list[str], spans: list[tuple[tuple[int, int], ...]]
                   ) -> list[tuple[np.ndarray, np.ndarray]]:

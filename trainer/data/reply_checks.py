@@ -37,14 +37,40 @@ def dropped_content(message: Mapping[str, Any], reply: str, turn: int) -> str | 
 
 
 def dropped_calls(message: Mapping[str, Any], reply: str, turn: int) -> str | None:
-    """A tool call whose function name the rendered reply does not contain (a template that renders no calls)."""
-    for call in message.get("tool_calls") or []:
+    """A tool call the rendered reply does not hold: its function name fewer times than the turn calls it (a template
+    that renders no calls, or only the first: gpt-oss, Llama 3.x raise or keep one), or one of its argument values
+    missing (however the template writes arguments: JSON, XML tags, Python calls, each scalar value is in it)."""
+    calls = message.get("tool_calls") or []
+    for call in calls:
         name = call["function"]["name"]
-        if name not in reply:
-            return (f"assistant turn at message {turn} calls {name!r}, but the chat template renders that turn "
-                    "without the call (it does not render tool_calls): the model would never learn to call it; use "
-                    "a chat template with tool calling")
+        wanted = sum(1 for c in calls if c["function"]["name"] == name)
+        if reply.count(name) < wanted:
+            many = f"{wanted} calls to {name!r}" if wanted > 1 else f"a call to {name!r}"
+            return (f"assistant turn at message {turn} makes {many}, but the chat template renders that turn "
+                    f"with {reply.count(name)} (it renders no tool calls, or only the first of parallel calls): the "
+                    "model would learn a different turn; use a chat template that renders every call, or split "
+                    "parallel calls into consecutive turns")
+        for key, value in _scalars(call["function"]["arguments"]):
+            if not any(form in reply for form in _value_forms(value)):
+                return (f"assistant turn at message {turn}: the chat template renders the call to {name!r} without "
+                        f"its argument {key}={value!r}: the model would learn a different call")
     return None
+
+
+def _scalars(arguments: object, path: str = "") -> list[tuple[str, object]]:
+    """The scalar values of a call's arguments, with where they sit."""
+    if isinstance(arguments, dict):
+        return [pair for k, v in arguments.items() for pair in _scalars(v, f"{path}.{k}" if path else str(k))]
+    if isinstance(arguments, list):
+        return [pair for i, v in enumerate(arguments) for pair in _scalars(v, f"{path}[{i}]")]
+    return [(path, arguments)]
+
+
+def _value_forms(value: object) -> tuple[str, ...]:
+    """How a template may write a scalar argument: as text, as JSON, as Python (``True``, ``None``)."""
+    if isinstance(value, str):
+        return (value, json.dumps(value, ensure_ascii=False)[1:-1])
+    return (json.dumps(value), str(value))
 
 
 def dropped_results(messages: Sequence[Mapping[str, Any]], prompt: str, turn: int) -> str | None:

@@ -39,7 +39,6 @@ Built-in templates are plain Jinja too: the template used for training is saved 
 from __future__ import annotations
 
 import json
-import os
 import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -53,6 +52,7 @@ from trainer.data.reply_checks import (
     dropped_content,
     dropped_results,
     ignored_tools,
+    rendered_forms,
     tool_result_spans,
 )
 from trainer.errors import UserError
@@ -314,14 +314,17 @@ class ChatRenderer:
                 return content + end_marker
         rendered = self.render(messages[: i + 1], tools=tools)
         # The generation prompt as the template writes it after history; the turn's rendering starts with it too,
-        # after history that the template writes differently when it is not last (Hermes ends a last tool result
-        # without the newline it writes otherwise): the reply is what follows that header in the turn's rendering.
+        # right after the message before the turn, which the template may write differently when it is not last
+        # (Hermes ends a last tool result without the newline it writes otherwise; gpt-oss drops the analysis of a
+        # tool call once a final answer follows): the reply is what follows that header in the turn's rendering.
         history = self.render(messages[:i], tools=tools)
         header = before[len(history):] if before.startswith(history) else ""
-        if header.strip():
-            common = len(os.path.commonprefix([before, rendered]))
-            at = rendered.find(header, max(0, common - len(header)))
-            if at >= 0 and header not in rendered[at + len(header):]:
+        previous = (messages[i - 1].get("content") or "").strip() if i else ""
+        if header.strip() and previous:
+            anchor = max((rendered.rfind(form) + len(form) for form in rendered_forms(previous)
+                          if form in rendered), default=-1)
+            at = rendered.find(header, anchor) if anchor >= 0 else -1
+            if at >= 0:
                 return rendered[at + len(header):]
         # The turn rendered after the last user message: its own rendering (header, content or calls, end marker)
         # follows what the prompt adds after the user's words (e.g. Mistral's "[/INST]").
