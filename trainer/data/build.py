@@ -107,7 +107,7 @@ class DataReport:
                      "the template renders their history differently at each turn)"
                      if self.expanded_conversations else "")
         lines.append(
-            f"data: {self.conversations} conversations → {self.train_examples} train / {self.eval_examples} eval "
+            f"data: {self.conversations} records → {self.train_examples} train / {self.eval_examples} eval "
             f"examples{expansion}, {self.tokens:,} train tokens of which {self.label_tokens:,} labelled; over "
             f"--max_length {self.max_length}: {self.truncated} truncated, {self.dropped_overlong} dropped; "
             f"{self.dropped_without_answer} dropped with no answer token left; {self.skipped_count} bad record(s) "
