@@ -93,8 +93,9 @@ def setup_data(cfg: Config) -> DataSetup:
     tokenizer = load_tokenizer(model_path, cfg.model.trust_remote_code)
     added = add_special_tokens(tokenizer, cfg.model.add_special_tokens.split(",")) \
         if cfg.model.add_special_tokens else []
-    template = resolve_template(data.template, tokenizer)
-    tokenizer.chat_template = template  # saved with the model: inference renders prompts as training did
+    template = resolve_template(data.template, tokenizer, required=False)  # raw text needs none
+    if template:
+        tokenizer.chat_template = template  # saved with the model: inference renders prompts as training did
     return DataSetup(train_sources, eval_sources, model_path, tokenizer, template, added, data_options(cfg))
 
 

@@ -108,3 +108,20 @@ def test_a_mixture_of_every_kind_trains_and_two_processes_match_one(files, tool_
     summary = [line for line in lines[start:start + 6] if line.startswith(("data: ", "mixing: ", "packing: "))]
     assert any("tool-call turn(s) trained" in line for line in summary)
     print("\n" + "\n".join(summary))  # the data report of a mixed run, for the record (pytest -s)
+
+
+def test_a_base_model_without_chat_template_trains_text_and_refuses_chats_by_line(files, tool_model, tmp_path,
+                                                                                 capsys):
+    base = tmp_path / "base"
+    shutil.copytree(tool_model, base)
+    (base / "chat_template.jinja").unlink(missing_ok=True)
+    config = json.loads((base / "tokenizer_config.json").read_text(encoding="utf-8"))
+    config.pop("chat_template", None)
+    (base / "tokenizer_config.json").write_text(json.dumps(config), encoding="utf-8")
+    assert AutoTokenizer.from_pretrained(base).chat_template is None
+    rows, _ = _preview(base, files["corpus"], tmp_path / "text", capsys)  # continued pretraining needs no template
+    assert rows and all(r["labels"][1:] == r["input_ids"][1:] for r in rows)
+    code = sft.main(["--model_name_or_path", str(base), "--dataset", str(files["tools"]), "--preview", "1",
+                     "--output_dir", str(tmp_path / "chat")])
+    assert code == 2 and f"{files['tools']}:1: chat template: --template auto: the tokenizer has no chat template" \
+        in capsys.readouterr().err

@@ -93,15 +93,20 @@ class TemplateError(UserError, ValueError):
     """A chat template that cannot be used for training on this data (or is missing); the message says why."""
 
 
-def resolve_template(name: str, tokenizer: PreTrainedTokenizerBase) -> str:
-    """The Jinja source for ``--template``: ``auto`` = the tokenizer's own, else a built-in by name."""
+NO_TEMPLATE = (f"--template auto: the tokenizer has no chat template (a base model?), and chat records need one. "
+               f"Pick a built-in one with --template {'|'.join(BUILTIN_TEMPLATES)}.")
+
+
+def resolve_template(name: str, tokenizer: PreTrainedTokenizerBase, required: bool = True) -> str:
+    """The Jinja source for ``--template``: ``auto`` = the tokenizer's own, else a built-in by name. A tokenizer
+    without a chat template gives ``""`` when not ``required`` (documents and plain completions need none; a chat
+    record is then refused, see :meth:`ChatRenderer.render`)."""
     if name == "auto":
         if tokenizer.chat_template:
             return tokenizer.chat_template
-        raise TemplateError(
-            "--template auto: the tokenizer has no chat template (a base model?). "
-            f"Pick a built-in one with --template {'|'.join(BUILTIN_TEMPLATES)}."
-        )
+        if not required:
+            return ""
+        raise TemplateError(NO_TEMPLATE)
     if name not in BUILTIN_TEMPLATES:
         raise TemplateError(f"--template {name!r}: unknown; use auto or one of {', '.join(BUILTIN_TEMPLATES)}")
     return BUILTIN_TEMPLATES[name]
@@ -154,6 +159,8 @@ class ChatRenderer:
         # every message into plain JSON types: validated conversations are plain JSON already (str role and
         # content), and this is the hot loop of data preparation (tests compare with apply_chat_template).
         if self._compiled is None:
+            if not self.template:
+                raise TemplateError(NO_TEMPLATE)
             self._compiled = _compile_jinja_template(self.template)
         return self._compiled.render(messages=_template_messages(messages, self.arguments_as_text), tools=tools,
                                      documents=None, add_generation_prompt=add_generation_prompt, **self.variables)
@@ -490,7 +497,10 @@ def tokenize_conversation(
 
 def end_of_turn_token_id(tokenizer: PreTrainedTokenizerBase, template: str,
                          template_kwargs: Mapping[str, Any] | None = None) -> int:
-    """The token that closes an assistant turn, so that generation can stop where training taught it to."""
+    """The token that closes an assistant turn, so that generation can stop where training taught it to (EOS where
+    there is no chat template: documents and plain completions end with it)."""
+    if not template:
+        return tokenizer.eos_token_id
     # A plain answer, with the empty reasoning block where the prompt opens one (R1 distills): only its end counts.
     renderer = ChatRenderer(tokenizer, template, template_kwargs, missing_reasoning="empty")
     (example,) = renderer.examples([{"role": "user", "content": "hi"}, {"role": "assistant", "content": "ok"}])
