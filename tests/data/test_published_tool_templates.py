@@ -248,3 +248,12 @@ def test_conversational_completion_trains_only_the_completion(corpus):
     head = tokenizer.apply_chat_template(chat.messages[:6], tools=chat.tools, add_generation_prompt=True,
                                          tokenize=False)
     assert example.text.startswith(head) and example.spans[0][0] == len(head)
+
+
+def test_a_template_that_drops_tool_results_is_refused(corpus):
+    tokenizer = _tokenizer_for("qwen2_5", corpus)
+    blind = tokenizer.chat_template.replace('message.role == "tool"', "false")
+    assert blind != tokenizer.chat_template
+    chat = _chat(trajectory(1))
+    with pytest.raises(TemplateError, match="tool result at message 3 is missing from the chat template's prompt"):
+        ChatRenderer(tokenizer, blind).examples(chat.messages, chat.tools)
