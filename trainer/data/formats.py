@@ -25,8 +25,6 @@ from trainer.data.items import Chat, Completion, Conversation, Document, Item, M
 from trainer.data.tools import check_calls, parse_function_call_text, parse_tool_calls, parse_tools
 from trainer.errors import UserError
 
-__all__ = ["Conversation", "Message"]
-
 FORMATS = ("alpaca", "messages", "sharegpt", "alternating", "prompt_completion", "conversational_prompt_completion",
            "text")
 ON_BAD_RECORD = ("error", "skip")

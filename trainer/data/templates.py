@@ -6,9 +6,17 @@ The rule is the one inference defines. For each assistant turn ``i`` the model, 
     through_i = render(messages[:i + 1])                              "...<|im_start|>assistant\\nHello<|im_end|>\\n"
                                                                                                  └── trained ───┘└ not
 and must produce what ``through_i`` adds after ``before_i``: the reply *including its end-of-turn marker*
-(``<|im_end|>``, ``</s>``, ``<|return|>``…), or it never learns to stop. Trailing whitespace after the marker is not
-trained: generation stops at the marker and never produces it. So the trained text of turn ``i`` is exactly that
-difference, *in exactly the context* ``before_i``, and nothing else is trained.
+(``<|im_end|>``, ``</s>``, ``<|return|>``…), or it never learns to stop. Whatever follows the reply's stop token
+(EOS, or the marker the template writes after an answer: :meth:`ChatRenderer.stop_tokens`) is not trained —
+trailing whitespace, or the next turn's header that some templates write after every turn: generation stops at
+the marker and never produces it. So the trained text of turn ``i`` is exactly that difference up to its stop,
+*in exactly the context* ``before_i``, and nothing else is trained.
+
+Agent trajectories follow the same rule, rendered with the record's ``tools`` (as ``apply_chat_template(messages,
+tools=...)``): every assistant turn is trained, tool-call turns included; tool specs and results are context. A
+template that would drop part of a turn — its calls, the text beside them, the tool results of its prompt, the
+tools offered — is refused with what it drops (:mod:`trainer.data.reply_checks`), and one that refuses a
+conversation itself (``raise_exception``) is named, so no turn is ever trained on something the data does not hold.
 
 Many templates are prefix-consistent: ``through_i`` is a prefix of the whole rendered conversation for every ``i``,
 so one example (the whole conversation, one span per turn) trains every turn in its inference context. Others
@@ -150,6 +158,7 @@ class ChatRenderer:
         self.missing_reasoning = missing_reasoning
         self.arguments_as_text = False  # set for templates that concatenate arguments as text (DeepSeek-V3)
         self._stop_tokens: tuple[str, ...] | None = None
+        self._empty_blocks: dict[tuple[str, str], str] = {}
         self._compiled = None
         self._marks_checked = 0
 
@@ -349,15 +358,18 @@ class ChatRenderer:
         ``'<think>\n\n</think>\n\n'`` in its source (Qwen3's non-thinking prompt), else the opener closed the way
         those templates close it (``<think>\n`` + ``\n</think>\n\n``). Refused when the prompt opens more than a bare
         tag (prefilled text), which has no empty form."""
+        if (opener, closing) in self._empty_blocks:
+            return self._empty_blocks[opener, closing]
         tag = opener.strip()
         if not re.fullmatch(r"<[A-Za-z_][\w-]*>", tag):
             raise TemplateError(f"assistant turn at message {turn}: --missing_reasoning empty: the chat template's "
                                 f"prompt opens {opener!r}, which has no empty form to train")
-        for match in re.finditer(re.escape(tag) + r"(?:\\n|\s)*" + re.escape(closing) + r"(?:\\n|\s)*", self.template):
-            block = match[0].replace("\\n", "\n")
-            if block.startswith(opener):
-                return block
-        return f"{opener}\n{closing}\n\n" if opener.endswith("\n") else f"{opener}\n\n{closing}\n\n"
+        found = (match[0].replace("\\n", "\n") for match in
+                 re.finditer(re.escape(tag) + r"(?:\\n|\s)*" + re.escape(closing) + r"(?:\\n|\s)*", self.template))
+        block = next((b for b in found if b.startswith(opener)), None) or \
+            (f"{opener}\n{closing}\n\n" if opener.endswith("\n") else f"{opener}\n\n{closing}\n\n")
+        self._empty_blocks[opener, closing] = block
+        return block
 
     def _check_marks(self, messages: Sequence[Mapping[str, Any]], text: str, spans: tuple[tuple[int, int], ...],
                      prompts: list[str], tools: list[dict] | None = None) -> None:
