@@ -125,3 +125,9 @@ def test_a_base_model_without_chat_template_trains_text_and_refuses_chats_by_lin
                      "--output_dir", str(tmp_path / "chat")])
     assert code == 2 and f"{files['tools']}:1: chat template: --template auto: the tokenizer has no chat template" \
         in capsys.readouterr().err
+    from trainer.args import ConfigError
+    from trainer.data.prompts import to_prompt
+    from trainer.samples import SampleRecorder
+
+    with pytest.raises(ConfigError, match="--sample_prompts none"):  # said before training, not a crash after it
+        SampleRecorder([to_prompt([{"role": "user", "content": "hi"}])], AutoTokenizer.from_pretrained(base), [2], 4)
