@@ -60,7 +60,7 @@ class DataArguments:
     dataset: str = field(
         default="tang",
         metadata={
-            "help": "Comma-separated sources: registered names (data/datasets.yaml), .json/.jsonl/.parquet files, "
+            "help": "Comma-separated sources: registered names (data/datasets.yaml), .json/.jsonl/.parquet/.txt files, "
             "folders of them, datasets.save_to_disk folders or hub names (owner/name). 'a.jsonl:0.7,tang:0.3' "
             "mixes by weight (see --mix_by)."
         },
@@ -89,12 +89,20 @@ class DataArguments:
         metadata={"help": "true | false: passed to chat templates that read it (Qwen3, GLM-4.5, SmolLM3). Unset: "
                   "the template's own default."},
     )
+    missing_reasoning: str = field(
+        default="error",
+        metadata={"help": "error | empty: a plain answer (no reasoning) where the chat template's generation prompt "
+                  "opens a reasoning block (DeepSeek-R1 distills, QwQ): an error, or train the template's empty "
+                  "block ('<think>\\n\\n</think>\\n\\n') before the answer."},
+    )
     system: str | None = field(
         default=None, metadata={"help": "System prompt added to conversations that have none."}
     )
     max_length: int = field(default=1024, metadata={"help": "Longest example (and packed row) in tokens."})
     on_overlong: str = field(
-        default="truncate", metadata={"help": "Examples longer than --max_length: truncate | drop (both counted)."}
+        default="truncate",
+        metadata={"help": "Examples longer than --max_length: truncate | drop (both counted). Text documents are "
+                  "never cut short: truncate splits them into consecutive chunks, drop drops them."},
     )
     on_bad_record: str = field(
         default="error",
@@ -345,6 +353,7 @@ def _check_choices(model: ModelArguments, data: DataArguments, finetune: Finetun
         ),
         "--dtype": (model.dtype, ("auto", "float32", "bfloat16", "float16")),
         "--mix_by": (data.mix_by, ("examples", "tokens")),
+        "--missing_reasoning": (data.missing_reasoning, ("error", "empty")),
         "--loss_impl": (finetune.loss_impl, ("auto", "hf", "chunked")),
     }
     for flag, (value, allowed) in choices.items():

@@ -19,7 +19,8 @@ from transformers import PreTrainedTokenizerBase
 
 from trainer.args import Config
 from trainer.data.build import DataOptions
-from trainer.data.formats import ConversationReader
+from trainer.data.formats import RecordReader
+from trainer.data.items import texts_of
 from trainer.data.prepared import PreparedData, prepare_data
 from trainer.data.registry import cache_root
 from trainer.data.sources import Source, resolve_sources
@@ -56,19 +57,20 @@ def data_options(cfg: Config) -> DataOptions:
         max_length=data.max_length, on_overlong=data.on_overlong, on_bad_record=data.on_bad_record,
         val_size=data.val_size, max_samples=data.max_samples, system=data.system, packing=data.packing,
         seed=cfg.training.seed, mix_by=data.mix_by, template_kwargs=template_kwargs(cfg),
+        missing_reasoning=data.missing_reasoning,
     )
 
 
 def _texts(sources: list[Source], max_samples: int | None) -> Iterator[str]:
-    """Every message text of the training sources (what the built-in model's tokenizer learns from)."""
+    """Every text of the training sources (what the built-in model's tokenizer learns from)."""
     seen = 0
     for source in sources:
         for stream in source.streams:
-            for _, conversation in ConversationReader(stream.where, stream.records(), on_bad_record="skip"):
+            for _, item in RecordReader(stream.where, stream.records(), on_bad_record="skip"):
                 if max_samples is not None and seen >= max_samples:
                     return
                 seen += 1
-                yield from (m["content"] for m in conversation)
+                yield from texts_of(item)
 
 
 def _sources_key(sources: list[Source], max_samples: int | None) -> str:
@@ -91,8 +93,9 @@ def setup_data(cfg: Config) -> DataSetup:
     tokenizer = load_tokenizer(model_path, cfg.model.trust_remote_code)
     added = add_special_tokens(tokenizer, cfg.model.add_special_tokens.split(",")) \
         if cfg.model.add_special_tokens else []
-    template = resolve_template(data.template, tokenizer)
-    tokenizer.chat_template = template  # saved with the model: inference renders prompts as training did
+    template = resolve_template(data.template, tokenizer, required=False)  # raw text needs none
+    if template:
+        tokenizer.chat_template = template  # saved with the model: inference renders prompts as training did
     return DataSetup(train_sources, eval_sources, model_path, tokenizer, template, added, data_options(cfg))
 
 

@@ -19,7 +19,7 @@ import numpy as np
 from transformers import PreTrainedTokenizerBase
 
 from trainer.data.encode import ConversationEncoder
-from trainer.data.formats import ConversationReader, with_system
+from trainer.data.formats import RecordReader, item_with_system
 from trainer.data.templates import IGNORE_INDEX
 from trainer.preparation import DataSetup
 
@@ -44,22 +44,26 @@ def highlight(tokenizer: PreTrainedTokenizerBase, ids: list[int], labels: list[i
                    for trained, run in _runs(ids, labels))
 
 
-def _examples(setup: DataSetup) -> Iterator[tuple[str, int, list[int], list[int], bool]]:
-    """``(where, line, input_ids, labels, truncated)`` of each training example, in data order."""
+def _examples(setup: DataSetup) -> Iterator[tuple[str, int, list[int], list[int], bool, str]]:
+    """``(where, line, input_ids, labels, truncated, note)`` of each training example, in data order; the note says
+    which chunk of a long document an example is."""
     options = setup.options
-    encoder = ConversationEncoder(setup.tokenizer, setup.template, options.template_kwargs, options.max_length)
+    encoder = ConversationEncoder(setup.tokenizer, setup.template, options.template_kwargs, options.max_length,
+                                  options.missing_reasoning, split_documents=options.on_overlong != "drop")
     for source in setup.train_sources:
         for part in source.streams:
-            reader = ConversationReader(part.where, part.records(), options.on_bad_record)
-            for line, conversation in reader:
-                encoded = encoder.encode([with_system(conversation, options.system)])
+            reader = RecordReader(part.where, part.records(), options.on_bad_record)
+            for line, item in reader:
+                encoded = encoder.encode([item_with_system(item, options.system)])
                 for _, message in encoded.errors:
                     reader.reject(line, reader.count - 1, message)
                 ends = np.cumsum(encoded.lengths)
                 for k, end in enumerate(ends):
                     start = end - encoded.lengths[k]
+                    chunked = bool(encoded.document[k]) and len(ends) > 1
                     yield (part.where, line, encoded.input_ids[start:end].tolist(),
-                           encoded.labels[start:end].tolist(), bool(encoded.truncated[k]))
+                           encoded.labels[start:end].tolist(), bool(encoded.truncated[k]),
+                           f" · document chunk {k + 1}/{len(ends)}" if chunked else "")
 
 
 def preview(setup: DataSetup, n: int, output_dir: str | Path, stream: TextIO | None = None) -> Path:
@@ -70,10 +74,10 @@ def preview(setup: DataSetup, n: int, output_dir: str | Path, stream: TextIO | N
     path.parent.mkdir(parents=True, exist_ok=True)
     shown = 0
     with path.open("w", encoding="utf-8") as out:
-        for where, line, ids, labels, truncated in itertools.islice(_examples(setup), n):
+        for where, line, ids, labels, truncated, note in itertools.islice(_examples(setup), n):
             shown += 1
             trained = sum(label != IGNORE_INDEX for label in labels)
-            print(f"── example {shown}: {where}:{line} · {len(ids)} tokens, {trained} trained"
+            print(f"── example {shown}: {where}:{line} · {len(ids)} tokens, {trained} trained{note}"
                   f"{' · truncated to --max_length' if truncated else ''}"
                   f"{' · NOT TRAINED (no answer token left)' if not trained else ''}", file=stream)
             print(highlight(setup.tokenizer, ids, labels, colour), file=stream)

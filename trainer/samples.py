@@ -16,6 +16,7 @@ from transformers import TrainerCallback
 from transformers.integrations import is_deepspeed_zero3_enabled
 
 from trainer import markdown
+from trainer.args import ConfigError
 from trainer.data.prompts import Prompt, read_prompts, with_references
 from trainer.data.registry import has_split, registered_names, resolve_dataset, resolve_references
 from trainer.metrics import compute_metrics, metrics_table, side_by_side
@@ -60,6 +61,9 @@ class SampleRecorder:
 
     def __init__(self, prompts: list[Prompt], tokenizer, stop_ids: list[int], max_new_tokens: int,
                  metrics: str | None = None) -> None:
+        if prompts and not tokenizer.chat_template:  # a base model trained on raw text: no way to render a chat
+            raise ConfigError("--sample_prompts: the tokenizer has no chat template (a base model?) to render the "
+                              "sample prompts with; pass --sample_prompts none, or --template chatml|llama2")
         self.prompts = prompts
         self.tokenizer = tokenizer
         self.stop_ids = stop_ids

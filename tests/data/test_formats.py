@@ -124,7 +124,7 @@ def test_line_separators_inside_strings_do_not_split_jsonl_records(tmp_path):
 
 
 def test_detect_format_returns_none_for_unknown_shapes():
-    assert detect_format({"prompt": "x", "completion": "y"}) is None
+    assert detect_format({"question": "x", "answer": "y"}) is None
     assert detect_format(["not", "a", "dict"]) is None
 
 
@@ -204,8 +204,8 @@ BAD = [
         1,
         "role 'system'",
     ),
-    ("unknown-role", "d.jsonl", '{"messages": [{"role": "tool", "content": "q"}]}\n', 1, "unsupported role"),
-    ("unknown-format", "d.jsonl", '\n{"prompt": "q", "completion": "a"}\n', 2, "matches no known format"),
+    ("unknown-role", "d.jsonl", '{"messages": [{"role": "robot", "content": "q"}]}\n', 1, "unsupported role"),
+    ("unknown-format", "d.jsonl", '\n{"question": "q", "answer": "a"}\n', 2, "matches no known format"),
     ("record-not-object", "d.json", '[\n  "just text"\n]', 2, "expected an object"),
     ("empty-file", "d.jsonl", "", 1, "empty file"),
     ("blank-file", "d.json", "\n\n  \n", 1, "empty file"),

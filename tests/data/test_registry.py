@@ -162,8 +162,15 @@ def test_paths_files_and_folders_mix_with_names(tmp_path):
     assert resolve_dataset(f"{folder}, {single}") == [folder / "a.json", folder / "b.jsonl", single]
     with pytest.raises(DataError, match="not found"):
         resolve_dataset(str(tmp_path / "nope.json"))
-    with pytest.raises(DataError, match=r"must end in \.json, \.jsonl or \.parquet"):
-        resolve_dataset(str(folder / "notes.txt"))
+    assert resolve_dataset(str(folder / "notes.txt")) == [folder / "notes.txt"]  # named: a text document
+    (folder / "notes.csv").write_text("a,b", encoding="utf-8")
+    with pytest.raises(DataError, match=r"must end in \.json, \.jsonl, \.parquet or \.txt"):
+        resolve_dataset(str(folder / "notes.csv"))
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    for name in ("b.txt", "a.txt"):
+        (corpus / name).write_text("text", encoding="utf-8")
+    assert resolve_dataset(str(corpus)) == [corpus / "a.txt", corpus / "b.txt"]  # a folder of documents
 
 
 def test_broken_registry_file_is_reported(tmp_path):

@@ -1,4 +1,5 @@
-"""The data half of the flow, done once: sources → conversations → examples (ids + labels) → mixture → rows.
+"""The data half of the flow, done once: sources → items (chats, documents, completions) → examples (ids + labels)
+→ mixture → rows.
 
 :func:`prepare_data` writes the result as memory-mapped Arrow files into a content-addressed folder (see
 :mod:`trainer.data.prepared`); everything else reads it from there. The work streams: records are read one at a
@@ -9,7 +10,9 @@ conversations, 0.97 GB for a million (``bench/prepare.py``).
 
 Nothing is dropped silently: bad records (with ``--on_bad_record skip``), examples left without a trained token,
 truncated and dropped examples, what mixing leaves out — all are counted in the report, which is logged and written
-to ``data_report.json`` in the output folder.
+to ``data_report.json`` in the output folder. Per source it also counts what kind of data it holds: chats (and their
+tool-call turns, and the tokens of tool results, context that is never trained), documents and the chunks long
+ones were split into, plain completions.
 """
 
 from __future__ import annotations
@@ -30,8 +33,9 @@ from tqdm.auto import tqdm
 from transformers import PreTrainedTokenizerBase
 
 from trainer.data.encode import ConversationEncoder, encode_batches
-from trainer.data.formats import ConversationReader, DataError, with_system
+from trainer.data.formats import DataError, RecordReader, item_with_system
 from trainer.data.gather import FileRows, MappedStream
+from trainer.data.items import Chat, Kinds
 from trainer.data.mixing import mixture
 from trainer.data.packing import ROW_SCHEMA, PackingStats, packed_row_batches, row_order
 from trainer.data.sources import Source
@@ -68,6 +72,7 @@ class DataOptions:
     seed: int = 42
     mix_by: str = "examples"
     template_kwargs: Mapping[str, Any] = field(default_factory=dict)
+    missing_reasoning: str = "error"
 
 
 @dataclass
@@ -86,6 +91,11 @@ class DataReport:
     label_tokens: int = 0
     max_length: int = 0
     sources: list[dict] = field(default_factory=list)
+    documents: int = 0
+    chunks: int = 0
+    completions: int = 0
+    tool_call_turns: int = 0
+    tool_result_tokens: int = 0
     mixing: dict | None = None
     packing: dict | None = None
     eval_sets: dict | None = None
@@ -97,12 +107,23 @@ class DataReport:
                      "the template renders their history differently at each turn)"
                      if self.expanded_conversations else "")
         lines.append(
-            f"data: {self.conversations} conversations → {self.train_examples} train / {self.eval_examples} eval "
+            f"data: {self.conversations} records → {self.train_examples} train / {self.eval_examples} eval "
             f"examples{expansion}, {self.tokens:,} train tokens of which {self.label_tokens:,} labelled; over "
             f"--max_length {self.max_length}: {self.truncated} truncated, {self.dropped_overlong} dropped; "
             f"{self.dropped_without_answer} dropped with no answer token left; {self.skipped_count} bad record(s) "
             "skipped"
         )
+        kinds = []
+        if self.documents:
+            kinds.append(f"{self.documents} document(s) → {self.chunks} example(s) (documents over --max_length "
+                         "split into consecutive chunks)")
+        if self.completions:
+            kinds.append(f"{self.completions} plain prompt/completion(s)")
+        if self.tool_call_turns or self.tool_result_tokens:
+            kinds.append(f"{self.tool_call_turns} tool-call turn(s) trained, {self.tool_result_tokens:,} tool-result "
+                         "tokens (context, never trained)")
+        if kinds:
+            lines.append("data: " + "; ".join(kinds))
         if self.mixing:
             lines.append("mixing: " + self.mixing["summary"])
         if self.packing:
@@ -138,6 +159,9 @@ class _Stats:
     skipped: list = field(default_factory=list)
     skipped_count: int = 0
     files: list = field(default_factory=list)
+    kinds: dict = field(default_factory=lambda: collections.defaultdict(Kinds))  # source index → what it holds
+    chunks: collections.Counter = field(default_factory=collections.Counter)  # source index → document examples
+    tool_tokens: collections.Counter = field(default_factory=collections.Counter)  # source index → tool-result tokens
 
 
 def _conversation_batches(sources: list[Source], options: DataOptions, stats: _Stats, meta: collections.deque,
@@ -146,13 +170,14 @@ def _conversation_batches(sources: list[Source], options: DataOptions, stats: _S
     for source_index, source in enumerate(sources):
         is_train = source_index < train_sources
         for stream in source.streams:
-            reader = ConversationReader(stream.where, stream.records(), options.on_bad_record)
+            reader = RecordReader(stream.where, stream.records(), options.on_bad_record)
             batch, where = [], []
             records_before = stats.conversations
-            for line, conversation in reader:
+            for line, item in reader:
                 if is_train and options.max_samples is not None and stats.train_conversations >= options.max_samples:
                     break
-                batch.append(with_system(conversation, options.system))
+                stats.kinds[source_index].add(item)
+                batch.append(item_with_system(item, options.system))
                 where.append((line, reader.count - 1, stats.conversations))
                 stats.conversations += 1
                 stats.train_conversations += is_train
@@ -175,13 +200,13 @@ def _add_skipped(stats: _Stats, skipped: list) -> None:
     skipped.clear()
 
 
-def _examples_batch(encoded, where: list, source_index: int, reader: ConversationReader, options: DataOptions,
+def _examples_batch(encoded, where: list, source_index: int, reader: RecordReader, options: DataOptions,
                     stats: _Stats) -> pa.RecordBatch | None:
     for index, message in encoded.errors:  # a conversation the template cannot render: file:line, or skipped
         line, record, _ = where[index]
         reader.reject(line, record, message)
     _add_skipped(stats, reader.skipped)
-    per_conversation = np.bincount(encoded.conversation, minlength=len(where))
+    per_conversation = np.bincount(encoded.conversation[~encoded.document], minlength=len(where))
     stats.expanded += int(np.sum(per_conversation > 1))
     keep = encoded.label_counts > 0
     stats.dropped_without_answer += int(np.sum(~keep))
@@ -190,6 +215,8 @@ def _examples_batch(encoded, where: list, source_index: int, reader: Conversatio
         keep &= ~encoded.truncated
     else:
         stats.truncated += int(np.sum(keep & encoded.truncated))
+    stats.chunks[source_index] += int(np.sum(keep & encoded.document))
+    stats.tool_tokens[source_index] += int(encoded.tool_tokens[keep].sum())
     if not keep.any():
         return None
     offsets = np.concatenate([[0], np.cumsum(encoded.lengths, dtype=np.int64)])
@@ -280,7 +307,8 @@ def build_prepared(
 ) -> DataReport:
     """Fill ``folder`` with ``train.arrow``, ``eval*.arrow`` and ``report.json``; returns the report."""
     sources = train_sources + eval_sources
-    encoder = ConversationEncoder(tokenizer, template, options.template_kwargs, options.max_length)
+    encoder = ConversationEncoder(tokenizer, template, options.template_kwargs, options.max_length,
+                                  options.missing_reasoning, split_documents=options.on_overlong != "drop")
     examples_path = folder / "examples.arrow"
     stats = _encode_all(sources, len(train_sources), encoder, options, examples_path, num_proc, show_progress,
                         progress)
@@ -311,7 +339,7 @@ def build_prepared(
         per_source.append({"name": src.name, "key": src.key, "role": "train" if i < len(train_sources) else "eval",
                            "weight": src.weight, "examples": int(np.sum(source == i)),
                            "train_examples": len(mine), "tokens": int(lengths[mine].sum()),
-                           "label_tokens": int(label_tokens[mine].sum())})
+                           "label_tokens": int(label_tokens[mine].sum()), **_kinds_entry(stats, i)})
     mixing = None
     if any(s.weight is not None for s in train_sources):
         by_source = [train_index[source[train_index] == i] for i in range(len(train_sources))]
@@ -347,6 +375,10 @@ def build_prepared(
         max_length=options.max_length, sources=per_source, mixing=mixing,
         label_tokens=int(label_tokens[train_index].sum()),
         eval_sets={name: len(index) for name, index in eval_sets.items()} or None,
+        documents=sum(k.documents for k in stats.kinds.values()), chunks=sum(stats.chunks.values()),
+        completions=sum(k.completions for k in stats.kinds.values()),
+        tool_call_turns=sum(k.tool_call_turns for k in stats.kinds.values()),
+        tool_result_tokens=sum(stats.tool_tokens.values()),
     )
     del examples, stream
     examples_path.unlink()
@@ -357,21 +389,37 @@ def build_prepared(
     return report
 
 
+def _kinds_entry(stats: _Stats, source_index: int) -> dict:
+    """What a source holds, for its entry in the report: only the kinds it has."""
+    kinds = stats.kinds[source_index]
+    entry = {"chats": kinds.chats}
+    if kinds.documents:
+        entry.update(documents=kinds.documents, chunks=stats.chunks[source_index])
+    if kinds.completions:
+        entry["completions"] = kinds.completions
+    if kinds.tool_call_turns or stats.tool_tokens[source_index]:
+        entry.update(tool_call_turns=kinds.tool_call_turns, tool_result_tokens=stats.tool_tokens[source_index])
+    return entry
+
+
 def _write_eval_conversations(path: Path, sources: list[Source], train_sources: int, held: np.ndarray,
                               options: DataOptions) -> None:
     """The evaluation conversations as messages (for generation-based evaluation), from a second pass over the
-    sources: cheap next to tokenising, and it keeps the first pass free of anything but what training needs."""
+    sources: cheap next to tokenising, and it keeps the first pass free of anything but what training needs.
+    Only plain chats are prompts: documents and plain completions have no chat prompt, and a tool-calling chat needs
+    its tools, which generation does not pass."""
     index = 0
     with path.open("w", encoding="utf-8") as out:
         for source_index, source in enumerate(sources):
             is_train = source_index < train_sources
             for stream in source.streams:
-                for line, conversation in ConversationReader(stream.where, stream.records(), options.on_bad_record):
+                for line, item in RecordReader(stream.where, stream.records(), options.on_bad_record):
                     if is_train and options.max_samples is not None and index >= options.max_samples:
                         break
-                    if not is_train or held[index]:
+                    if (not is_train or held[index]) and isinstance(item, Chat) and not item.tools \
+                            and not any(m["role"] == "tool" for m in item.messages):
                         row = {"source": source.key, "where": f"{stream.where}:{line}",
-                               "messages": with_system(conversation, options.system)}
+                               "messages": item_with_system(item, options.system).messages}
                         out.write(json.dumps(row, ensure_ascii=False) + "\n")
                     index += is_train
 

@@ -1,13 +1,15 @@
-"""Conversations → token ids and labels, a batch at a time, as flat arrays: the hot loop of data preparation.
+"""Items → token ids and labels, a batch at a time, as flat arrays: the hot loop of data preparation.
 
-Each conversation is rendered into its training examples (:meth:`ChatRenderer.examples`), the texts of a whole batch
+Each chat is rendered into its training examples (:meth:`ChatRenderer.examples`), each document or plain
+completion into one (:class:`trainer.data.documents.PlainText`); the texts of a whole batch
 are tokenised in one call of the Rust tokenizer, and labels are copied from the ids over the token range of each
 trained character span. For a byte-level BPE tokenizer the range comes from the byte length of each token
 (:mod:`trainer.data.token_bytes`: the tokenizer then skips tracking offsets, a quarter of its time); for any other,
 from two ``char_to_token`` look-ups per span (widened to every token that overlaps it). Neither reads every token's
-offsets back into Python: that is where a per-token loop would spend most of its time. Results travel as numpy
-arrays (ids, labels, per-example lengths), which cost nothing to send from a worker process and turn into Arrow
-columns without a copy.
+offsets back into Python: that is where a per-token loop would spend most of its time. A document longer than
+``max_length`` is then cut into consecutive chunks (:func:`trainer.data.documents.chunk_bounds`). Results travel as
+numpy arrays (ids, labels, per-example lengths), which cost nothing to send from a worker process and turn into
+Arrow columns without a copy.
 
 With ``num_proc`` > 1, :func:`encode_batches` runs the encoder in worker processes, a bounded number of batches in
 flight, results in input order; memory stays flat whatever the size of the data.
@@ -28,6 +30,8 @@ import jinja2
 import numpy as np
 from transformers import PreTrainedTokenizerBase
 
+from trainer.data.documents import PlainText, chunk_bounds
+from trainer.data.items import Chat, Document, Item
 from trainer.data.templates import IGNORE_INDEX, ChatRenderer, TemplateError, label_tokens
 from trainer.data.token_bytes import TokenBytes
 
@@ -42,6 +46,8 @@ class EncodedBatch:
     conversation: np.ndarray  # int32, index in the batch of the conversation each example comes from
     truncated: np.ndarray  # bool, the example was longer than max_length
     label_counts: np.ndarray  # int32, trained tokens per example (after truncation)
+    document: np.ndarray  # bool, the example is (a chunk of) a document
+    tool_tokens: np.ndarray  # int32, tokens of tool results in the example (context, never trained)
     errors: list[tuple[int, str]] = field(default_factory=list)  # (conversation index, why it cannot be rendered)
 
 
@@ -51,16 +57,23 @@ class _Rendered:
     spans: list[tuple[tuple[int, int], ...]]
     owner: list[int]  # conversation index of each example
     errors: list[tuple[int, str]]
+    document: list[bool] = field(default_factory=list)
+    tool_spans: list[tuple[tuple[int, int], ...]] = field(default_factory=list)
 
 
 class ConversationEncoder:
-    """Ids and labels for batches of conversations, with one tokenizer, template and length limit."""
+    """Ids and labels for batches of items (chats, documents, plain completions), with one tokenizer, template and
+    length limit. ``split_documents``: a document longer than ``max_length`` becomes consecutive chunks (else it is
+    truncated like any example, and flagged so). ``missing_reasoning``: see :class:`ChatRenderer`."""
 
     def __init__(self, tokenizer: PreTrainedTokenizerBase, template: str,
-                 template_kwargs: Mapping[str, Any] | None = None, max_length: int | None = None) -> None:
+                 template_kwargs: Mapping[str, Any] | None = None, max_length: int | None = None,
+                 missing_reasoning: str = "error", split_documents: bool = True) -> None:
         self.tokenizer = tokenizer
-        self.renderer = ChatRenderer(tokenizer, template, template_kwargs)
+        self.renderer = ChatRenderer(tokenizer, template, template_kwargs, missing_reasoning)
+        self.plain = PlainText(tokenizer)
         self.max_length = max_length
+        self.split_documents = split_documents
         backend = getattr(tokenizer, "_tokenizer", None)
         # The Rust tokenizer itself, when there is one: what the transformers wrapper calls for a batch, minus the
         # conversion of every encoding into Python lists.
@@ -68,50 +81,99 @@ class ConversationEncoder:
         # Byte-level BPE: token positions from the ids alone, without the offsets tracking (see token_bytes).
         self._bytes = TokenBytes.of(backend) if self._backend is not None else None
 
-    def encode(self, conversations: Sequence[Sequence[Mapping[str, Any]]]) -> EncodedBatch:
-        return self.tokenize(self.render(conversations))
+    def encode(self, items: Sequence[Item | Sequence[Mapping[str, Any]]]) -> EncodedBatch:
+        return self.tokenize(self.render(items))
 
-    def render(self, conversations: Sequence[Sequence[Mapping[str, Any]]]) -> _Rendered:
-        """The examples of each conversation as text and trained spans (Python: the Jinja templates)."""
-        texts: list[str] = []
-        spans: list[tuple[tuple[int, int], ...]] = []
-        owner: list[int] = []
-        errors: list[tuple[int, str]] = []
-        for index, messages in enumerate(conversations):
+    def render(self, items: Sequence[Item | Sequence[Mapping[str, Any]]]) -> _Rendered:
+        """The examples of each item as text and trained spans (Python: the Jinja templates); a bare list of
+        messages is a chat."""
+        rendered = _Rendered([], [], [], [])
+        for index, item in enumerate(items):
             try:
-                examples = self.renderer.examples(messages)
+                if isinstance(item, Chat):
+                    examples = self.renderer.examples(item.messages, item.tools, item.first_trained)
+                elif isinstance(item, list):
+                    examples = self.renderer.examples(item)
+                else:
+                    examples = [self.plain.example(item)]
             except (TemplateError, jinja2.TemplateError) as error:  # raise_exception() in a template, or ours
-                errors.append((index, f"chat template: {error}"))
+                rendered.errors.append((index, f"chat template: {error}"))
                 continue
+            document = isinstance(item, Document)
             for example in examples:
-                texts.append(example.text)
-                spans.append(example.spans)
-                owner.append(index)
-        return _Rendered(texts, spans, owner, errors)
+                rendered.texts.append(example.text)
+                rendered.spans.append(example.spans)
+                rendered.owner.append(index)
+                rendered.document.append(document)
+                rendered.tool_spans.append(example.tool_spans)
+        return rendered
 
     def tokenize(self, rendered: _Rendered) -> EncodedBatch:
         """Ids and labels of rendered examples (mostly Rust, which lets go of the GIL while it tokenises)."""
         owner, errors = rendered.owner, rendered.errors
-        ids_and_labels = self._tokenize(rendered.texts, rendered.spans)
-        lengths = np.array([len(ids) for ids, _ in ids_and_labels], dtype=np.int32)
+        document = rendered.document or [False] * len(owner)
+        encoded = self._tokenize(rendered.texts, rendered.spans)
+        tool_tokens = [self._count_tokens(text, ids, spans) if spans else 0
+                       for text, (ids, _), spans in zip(rendered.texts, encoded,
+                                                        rendered.tool_spans or [()] * len(owner))]
+        if self.max_length is not None and self.split_documents and any(document):
+            encoded, owner, document, tool_tokens = self._chunk_documents(encoded, owner, document, tool_tokens)
+        lengths = np.array([len(ids) for ids, _ in encoded], dtype=np.int32)
         truncated = np.zeros(len(lengths), dtype=bool)
         if self.max_length is not None:
             truncated = lengths > self.max_length
             if truncated.any():
-                ids_and_labels = [(i[: self.max_length], lab[: self.max_length]) for i, lab in ids_and_labels]
+                encoded = [(i[: self.max_length], lab[: self.max_length]) for i, lab in encoded]
                 lengths = np.minimum(lengths, self.max_length)
         empty = np.zeros(0, dtype=np.int32)
-        labels = np.concatenate([lab for _, lab in ids_and_labels]) if ids_and_labels else empty
+        labels = np.concatenate([lab for _, lab in encoded]) if encoded else empty
         counts = np.add.reduceat(labels != IGNORE_INDEX, np.r_[0, np.cumsum(lengths)[:-1]]) if len(lengths) else empty
         return EncodedBatch(
-            input_ids=np.concatenate([i for i, _ in ids_and_labels]) if ids_and_labels else empty,
+            input_ids=np.concatenate([i for i, _ in encoded]) if encoded else empty,
             labels=labels,
             lengths=lengths,
             conversation=np.array(owner, dtype=np.int32),
             truncated=truncated,
             label_counts=np.where(lengths > 0, counts, 0).astype(np.int32),
+            document=np.array(document, dtype=bool),
+            tool_tokens=np.array(tool_tokens, dtype=np.int32),
             errors=errors,
         )
+
+    def _chunk_documents(self, encoded: list, owner: list[int], document: list[bool], tool_tokens: list[int]
+                         ) -> tuple[list, list[int], list[bool], list[int]]:
+        """Documents longer than ``max_length`` as consecutive chunks; the first token of a later chunk is the last
+        of the one before, context only (see :func:`chunk_bounds`)."""
+        assert self.max_length is not None
+        out, out_owner, out_document, out_tools = [], [], [], []
+        for (ids, labels), who, is_document, tools in zip(encoded, owner, document, tool_tokens):
+            if not is_document or len(ids) <= self.max_length:
+                out.append((ids, labels))
+                out_owner.append(who)
+                out_document.append(is_document)
+                out_tools.append(tools)
+                continue
+            for start, end in chunk_bounds(len(ids), self.max_length):
+                chunk_labels = labels[start:end].copy()
+                if start > 0:
+                    chunk_labels[0] = IGNORE_INDEX
+                out.append((ids[start:end], chunk_labels))
+                out_owner.append(who)
+                out_document.append(True)
+                out_tools.append(0)
+        return out, out_owner, out_document, out_tools
+
+    def _count_tokens(self, text: str, ids: np.ndarray, spans: tuple[tuple[int, int], ...]) -> int:
+        """Tokens of ``text`` (tokenised as ``ids``) that overlap ``spans``, by the labelling rule, within the first
+        ``max_length`` (what truncation keeps)."""
+        if self._bytes is not None and bool(self._bytes.spells([text], [ids])[0]):
+            inside = self._bytes.labels(text, ids, spans, -1) != -1
+        elif self._backend is not None:
+            inside = self._with_offsets(self._backend.encode(text, add_special_tokens=False), spans)[1] != IGNORE_INDEX
+        else:
+            offsets = self.tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)["offset_mapping"]
+            inside = np.asarray(label_tokens(offsets, spans), dtype=bool)
+        return int(np.sum(inside[: self.max_length]))
 
     def _tokenize(self, texts: list[str], spans: list[tuple[tuple[int, int], ...]]
                   ) -> list[tuple[np.ndarray, np.ndarray]]:

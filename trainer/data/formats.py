@@ -1,8 +1,15 @@
-"""Records on disk -> validated conversations.
+"""Records on disk -> validated training items: chats, documents, plain completions.
 
-Everything downstream (templates, labels, packing) assumes a clean conversation: an optional system message, then
-user/assistant turns strictly alternating, ending on a non-empty answer. Checking that here, once, with the file and
-line of the offending record, turns a confusing failure deep inside tokenisation into a message the user can act on.
+Everything downstream (templates, labels, packing) assumes a clean item. A chat is an optional system message, then
+user/assistant turns, where an assistant turn may call tools and each call group is followed by its results
+(``tool`` messages), ending on an assistant turn; a document is a non-empty text; a completion a prompt and a
+non-empty completion. Checking that here, once, with the file and line of the offending record, turns a confusing
+failure deep inside tokenisation into a message the user can act on.
+
+Formats, detected per file from its first usable record (see ``data/README.md``): alpaca, messages (OpenAI, with
+``tools`` / ``tool_calls`` / ``tool``), sharegpt (with LLaMA-Factory's ``function_call`` / ``observation``),
+alternating, prompt_completion and conversational_prompt_completion (TRL's), text (``{"text"}`` records and
+``.txt`` files).
 """
 
 from __future__ import annotations
@@ -14,17 +21,20 @@ from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from trainer.data.items import Chat, Completion, Conversation, Document, Item, Message, RecordError
+from trainer.data.tools import check_calls, parse_function_call_text, parse_tool_calls, parse_tools
 from trainer.errors import UserError
 
-Message = dict[str, str]
-Conversation = list[Message]
-
-FORMATS = ("alpaca", "messages", "sharegpt", "alternating")
+FORMATS = ("alpaca", "messages", "sharegpt", "alternating", "prompt_completion", "conversational_prompt_completion",
+           "text")
 ON_BAD_RECORD = ("error", "skip")
-EXTENSIONS = (".json", ".jsonl", ".parquet")
+EXTENSIONS = (".json", ".jsonl", ".parquet", ".txt")
 
-_SHAREGPT_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "system": "system"}
-_ROLES = ("system", "user", "assistant")
+_SHAREGPT_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "system": "system",
+                   "observation": "tool", "tool": "tool", "function_call": "assistant"}
+_ROLES = ("system", "user", "assistant", "tool")
+# Llama 3.x names the tool-result role ``ipython``; its template treats it as ``tool``, the only name others know.
+_ROLE_ALIASES = {"ipython": "tool"}
 # Names under which chat data carries an assistant turn's reasoning (kept as ``reasoning_content``).
 REASONING_KEYS = ("reasoning_content", "reasoning", "thinking")
 _WS = re.compile(r"[ \t\n\r]*")
@@ -43,23 +53,24 @@ class SkippedRecord:
 
 
 @dataclass
-class ConversationFile:
-    """The usable conversations of one file; ``lines[i]`` is where ``conversations[i]`` starts, for later errors."""
+class RecordFile:
+    """The usable items of one file; ``lines[i]`` is where ``items[i]`` starts, for later errors."""
 
     path: str
     format: str
-    conversations: list[Conversation] = field(default_factory=list)
+    items: list[Item] = field(default_factory=list)
     lines: list[int] = field(default_factory=list)
     skipped: list[SkippedRecord] = field(default_factory=list)
 
-
-class _RecordError(Exception):
-    """A bad record; becomes a DataError or a SkippedRecord once the caller knows the path, line and index."""
+    @property
+    def conversations(self) -> list[Conversation]:
+        """The messages of each chat (files of a chat format)."""
+        return [item.messages for item in self.items if isinstance(item, Chat)]
 
 
 def detect_format(record: dict) -> str | None:
     """Name the record format from its keys, or None; nested values are only looked at to split the two `messages`
-    styles (dicts with roles vs. a bare list of alternating texts)."""
+    styles (dicts with roles vs. a bare list of alternating texts) and plain from conversational prompt/completion."""
     if not isinstance(record, dict):
         return None
     if "conversations" in record:
@@ -71,17 +82,21 @@ def detect_format(record: dict) -> str | None:
         return "messages"
     if "instruction" in record:
         return "alpaca"
+    if "prompt" in record and "completion" in record:
+        return "conversational_prompt_completion" if isinstance(record["prompt"], list) else "prompt_completion"
+    if "text" in record:
+        return "text"
     return None
 
 
-class ConversationReader:
-    """Stream the validated conversations of one record source, keeping count of what was skipped.
+class RecordReader:
+    """Stream the validated items of one record source, keeping count of what was skipped.
 
-    Iterating yields ``(line, conversation)``; ``format``, ``count`` (records seen) and ``skipped`` fill in as it
-    goes. The format is detected from the first usable record and every record must match it.
-    ``on_bad_record="skip"`` collects bad records in ``skipped`` instead of raising; damage to the source as a whole
-    (a broken .json array, non-UTF-8 bytes, no records, no usable record) always raises.
-    ``prompts=True`` reads prompt files (e.g. a test set): the final answer may be missing (an alpaca record
+    Iterating yields ``(line, item)`` (:class:`Chat`, :class:`Document` or :class:`Completion`); ``format``,
+    ``count`` (records seen) and ``skipped`` fill in as it goes. The format is detected from the first usable record
+    and every record must match it. ``on_bad_record="skip"`` collects bad records in ``skipped`` instead of raising;
+    damage to the source as a whole (a broken .json array, non-UTF-8 bytes, no records, no usable record) always
+    raises. ``prompts=True`` reads prompt files (e.g. a test set): the final answer may be missing (an alpaca record
     without ``output``, a conversation ending on the user); everything else is checked as for training data.
     """
 
@@ -97,27 +112,28 @@ class ConversationReader:
         self._skip = on_bad_record == "skip"
         self._prompts = prompts
 
-    def __iter__(self) -> Iterator[tuple[int, Conversation]]:
-        convert: Callable[[dict, bool], Conversation] | None = None
+    def __iter__(self) -> Iterator[tuple[int, Item]]:
+        convert: Callable[[dict, bool], Item] | None = None
         used = 0
         for index, (line, record) in enumerate(self._records):
             self.count += 1
             try:
-                if isinstance(record, _RecordError):  # malformed JSON on one .jsonl line
+                if isinstance(record, RecordError):  # malformed JSON on one .jsonl line
                     raise record
                 if convert is None:
                     fmt = detect_format(record)
                     if fmt is None:
-                        raise _RecordError(_no_format_reason(record))
+                        raise RecordError(_no_format_reason(record))
                     self.format, convert = fmt, _CONVERTERS[fmt]
-                conversation = convert(record, self._prompts)
-                _validate(conversation, self._prompts)
-            except _RecordError as err:
-                fmt_note = f", format {self.format}" if self.format and not isinstance(record, _RecordError) else ""
+                item = convert(record, self._prompts)
+                if isinstance(item, Chat):
+                    _validate(item, self._prompts)
+            except RecordError as err:
+                fmt_note = f", format {self.format}" if self.format and not isinstance(record, RecordError) else ""
                 self.reject(line, index, str(err), fmt_note)
                 continue
             used += 1
-            yield line, conversation
+            yield line, item
         if self.count == 0:
             raise DataError(f"{self.where}:1: no records in file")
         if not used:
@@ -132,25 +148,36 @@ class ConversationReader:
         self.skipped.append(SkippedRecord(self.where, line, index, reason))
 
 
-def read_conversations(path: str | Path, on_bad_record: str = "error", prompts: bool = False) -> ConversationFile:
-    """Read a whole .json / .jsonl / .parquet file into validated conversations (see :class:`ConversationReader`).
+def read_records(path: str | Path, on_bad_record: str = "error", prompts: bool = False) -> RecordFile:
+    """Read a whole file into validated items (see :class:`RecordReader`).
 
-    For small files (prompts, tests); training data is streamed through :class:`ConversationReader` instead.
+    For small files (prompts, tests); training data is streamed through :class:`RecordReader` instead.
     """
-    reader = ConversationReader(str(Path(path)), iter_records(path), on_bad_record, prompts)
-    result = ConversationFile(path=reader.where, format="")
-    for line, conversation in reader:
-        result.conversations.append(conversation)
+    reader = RecordReader(str(Path(path)), iter_records(path), on_bad_record, prompts)
+    result = RecordFile(path=reader.where, format="")
+    for line, item in reader:
+        result.items.append(item)
         result.lines.append(line)
     result.format, result.skipped = reader.format, reader.skipped
     return result
 
 
+def read_conversations(path: str | Path, on_bad_record: str = "error", prompts: bool = False) -> RecordFile:
+    """:func:`read_records` for a file that must hold chats (prompt files, tests): ``.conversations`` has them."""
+    result = read_records(path, on_bad_record, prompts)
+    if result.items and not isinstance(result.items[0], Chat):
+        raise DataError(f"{result.path}:{result.lines[0]}: records in the {result.format} format hold no "
+                        "conversation; this file must be in a chat format (messages, sharegpt, alpaca, alternating "
+                        "or conversational prompt/completion)")
+    return result
+
+
 def iter_records(path: str | Path) -> Iterator[tuple[int, object]]:
-    """``(line, record)`` for each record of a .json array, .jsonl or .parquet file, in order, read as a stream.
+    """``(line, record)`` for each record of a .json array, .jsonl or .parquet file, in order, read as a stream;
+    a .txt file is one record, ``{"text": <the whole file>}`` (one document).
 
     Memory stays bounded by the largest record, whatever the file size. A .jsonl line that is not JSON comes as a
-    ``_RecordError`` (so a reader may skip it); for parquet, "line" is the row number. The extension and an empty
+    ``RecordError`` (so a reader may skip it); for parquet, "line" is the row number. The extension and an empty
     file are checked at once, not when iteration starts; bad UTF-8 is named by line when it is reached.
     """
     path = Path(path)
@@ -160,6 +187,8 @@ def iter_records(path: str | Path) -> Iterator[tuple[int, object]]:
     if suffix == ".parquet":
         return _parquet_records(path)
     stream = _TextStream(path)
+    if suffix == ".txt":
+        return _text_file_record(stream)
     if not stream.skip_whitespace():
         raise DataError(f"{path}:1: empty file, no records")
     return _jsonl_records(stream) if suffix == ".jsonl" else _json_array_records(stream)
@@ -170,6 +199,14 @@ def with_system(conversation: Conversation, system: str | None) -> Conversation:
     if system and conversation[0]["role"] != "system":
         return [{"role": "system", "content": system}, *conversation]
     return conversation
+
+
+def item_with_system(item: Item, system: str | None) -> Item:
+    """A chat with ``system`` as its system message unless it has its own; documents and completions as they are
+    (they have no roles: ``--system`` does not apply to them)."""
+    if not isinstance(item, Chat) or not system or item.messages[0]["role"] == "system":
+        return item
+    return Chat(with_system(item.messages, system), item.tools, item.first_trained + 1)
 
 
 class _TextStream:
@@ -260,7 +297,7 @@ class _TextStream:
 
 
 def _jsonl_records(stream: _TextStream) -> Iterator[tuple[int, object]]:
-    """Yield (line, record) per non-blank line; a line that is not JSON yields a _RecordError so it can be skipped."""
+    """Yield (line, record) per non-blank line; a line that is not JSON yields a RecordError so it can be skipped."""
     decode = json.JSONDecoder().decode
     # split on "\n" only: str.splitlines would also break on U+2028 etc., which JSON allows raw inside strings
     stream.pos = 0
@@ -270,7 +307,7 @@ def _jsonl_records(stream: _TextStream) -> Iterator[tuple[int, object]]:
             try:
                 yield number, decode(raw_line)
             except json.JSONDecodeError as err:
-                yield number, _RecordError(f"malformed JSON at column {err.colno}: {err.msg}")
+                yield number, RecordError(f"malformed JSON at column {err.colno}: {err.msg}")
         number += 1
 
 
@@ -320,6 +357,15 @@ def _json_array_records(stream: _TextStream) -> Iterator[tuple[int, object]]:
         raise fail(stream.pos, "extra data after the top-level array")
 
 
+def _text_file_record(stream: _TextStream) -> Iterator[tuple[int, object]]:
+    """The whole of a .txt file, as it is, as one ``{"text": ...}`` record on line 1 (bad UTF-8 named by its line)."""
+    while stream.more():
+        pass
+    if not stream.text.strip():
+        raise DataError(f"{stream.path}:1: empty file, no text")
+    return iter([(1, {"text": stream.text})])
+
+
 def _parquet_records(path: Path) -> Iterator[tuple[int, object]]:
     """Rows of a parquet file as records, in batches (bounded memory); the row number stands for the line."""
     import pyarrow.parquet as pq
@@ -343,8 +389,8 @@ def _no_format_reason(record: object) -> str:
     keys = ", ".join(sorted(record)) or "none"
     return (
         f"record matches no known format (keys: {keys}); expected alpaca (instruction, output), "
-        "messages (messages: [{role, content}]), sharegpt (conversations: [{from, value}]) "
-        "or alternating (messages: [text, ...])"
+        "messages (messages: [{role, content}]), sharegpt (conversations: [{from, value}]), "
+        "alternating (messages: [text, ...]), prompt/completion (prompt, completion) or text (text)"
     )
 
 
@@ -355,17 +401,17 @@ def _json_type(value: object) -> str:
 
 def _require(record: object, key: str, fmt: str) -> object:
     if not isinstance(record, dict):
-        raise _RecordError(f"record is a JSON {_json_type(record)}, expected an object")
+        raise RecordError(f"record is a JSON {_json_type(record)}, expected an object")
     if key not in record:
         other = detect_format(record)
         hint = f"; this record looks like {other}" if other and other != fmt else ""
-        raise _RecordError(f"missing field {key!r}{hint}")
+        raise RecordError(f"missing field {key!r}{hint}")
     return record[key]
 
 
 def _text(value: object, what: str) -> str:
     if not isinstance(value, str):
-        raise _RecordError(f"{what} must be a string, got a JSON {_json_type(value)}")
+        raise RecordError(f"{what} must be a string, got a JSON {_json_type(value)}")
     return value
 
 
@@ -376,7 +422,7 @@ def _optional_text(record: dict, key: str) -> str:
 
 def _list(value: object, what: str) -> list:
     if not isinstance(value, list):
-        raise _RecordError(f"{what} must be a list, got a JSON {_json_type(value)}")
+        raise RecordError(f"{what} must be a list, got a JSON {_json_type(value)}")
     return value
 
 
@@ -384,7 +430,7 @@ def _system_first(system: str) -> Conversation:
     return [{"role": "system", "content": system}] if system else []
 
 
-def _from_alpaca(record: dict, prompts: bool = False) -> Conversation:
+def _from_alpaca(record: dict, prompts: bool = False) -> Chat:
     instruction = _text(_require(record, "instruction", "alpaca"), "field 'instruction'")
     output = None if prompts and "output" not in record else _text(_require(record, "output", "alpaca"),
                                                                      "field 'output'")
@@ -393,80 +439,182 @@ def _from_alpaca(record: dict, prompts: bool = False) -> Conversation:
     history = record.get("history")
     for turn, pair in enumerate(_list(history, "field 'history'") if history is not None else []):
         if not isinstance(pair, list) or len(pair) != 2:
-            raise _RecordError(f"history[{turn}] must be a [user, assistant] pair")
+            raise RecordError(f"history[{turn}] must be a [user, assistant] pair")
         conversation.append({"role": "user", "content": _text(pair[0], f"history[{turn}][0]")})
         conversation.append({"role": "assistant", "content": _text(pair[1], f"history[{turn}][1]")})
     conversation.append({"role": "user", "content": f"{instruction}\n{extra}" if extra else instruction})
     if output is not None:
         conversation.append({"role": "assistant", "content": output})
-    return conversation
+    return Chat(conversation)
 
 
-def _from_messages(record: dict, prompts: bool = False) -> Conversation:
-    conversation = []
-    for i, message in enumerate(_list(_require(record, "messages", "messages"), "field 'messages'")):
-        if not isinstance(message, dict):
-            raise _RecordError(f"messages[{i}] must be an object with role and content, got a {_json_type(message)}")
-        role = _require(message, "role", "messages")
-        if role not in _ROLES:
-            raise _RecordError(f"messages[{i}] has unsupported role {role!r}; expected one of {', '.join(_ROLES)}")
-        converted = {"role": role, "content": _text(message.get("content"), f"messages[{i}].content")}
-        # Reasoning travels beside the answer under one of its usual names; templates that keep it (Qwen3,
-        # gpt-oss) read it, the others ignore it. Only assistant turns reason.
-        reasoning = [key for key in REASONING_KEYS if message.get(key) is not None]
-        if reasoning:
-            if role != "assistant":
-                raise _RecordError(f"messages[{i}] is a {role} message with {reasoning[0]!r}; only assistant "
-                                   "turns carry reasoning")
-            converted["reasoning_content"] = _text(message[reasoning[0]], f"messages[{i}].{reasoning[0]}")
-        conversation.append(converted)
-    return conversation
+def _message(message: object, what: str) -> Message:
+    """One OpenAI-style message in normal form: role, content (None only beside tool calls), ``tool_calls``
+    (normalised, see :mod:`trainer.data.tools`; absent when there are none), a tool result's ``tool_call_id`` and
+    ``name``, an assistant's ``reasoning_content``."""
+    if not isinstance(message, dict):
+        raise RecordError(f"{what} must be an object with role and content, got a {_json_type(message)}")
+    role = _require(message, "role", "messages")
+    role = _ROLE_ALIASES.get(role, role) if isinstance(role, str) else role
+    if role not in _ROLES:
+        raise RecordError(f"{what} has unsupported role {role!r}; expected one of {', '.join(_ROLES)} (or ipython)")
+    calls = message.get("tool_calls")
+    if calls is None and message.get("function_call") is not None:  # OpenAI's older single-call field
+        calls = message["function_call"]
+    converted: Message = {"role": role}
+    if calls is not None and calls != []:
+        if role != "assistant":
+            raise RecordError(f"{what} is a {role} message with tool calls; only assistant turns call tools")
+        # A call without text has content null (OpenAI) or none at all (transformers' examples); templates render
+        # an empty string the same way and many cannot take null ("'</think>' in content"), so it becomes "".
+        content = message.get("content")
+        converted["content"] = "" if content is None else _text(content, f"{what}.content")
+        converted["tool_calls"] = parse_tool_calls(calls, f"{what}.tool_calls")
+    else:
+        converted["content"] = _text(message.get("content"), f"{what}.content")
+    if role == "tool":
+        for key in ("tool_call_id", "name"):
+            if message.get(key) is not None:
+                converted[key] = _text(message[key], f"{what}.{key}")
+    # Reasoning travels beside the answer under one of its usual names; templates that keep it (Qwen3,
+    # gpt-oss) read it, the others ignore it. Only assistant turns reason.
+    reasoning = [key for key in REASONING_KEYS if message.get(key) is not None]
+    if reasoning:
+        if role != "assistant":
+            raise RecordError(f"{what} is a {role} message with {reasoning[0]!r}; only assistant turns carry "
+                              "reasoning")
+        converted["reasoning_content"] = _text(message[reasoning[0]], f"{what}.{reasoning[0]}")
+    return converted
 
 
-def _from_sharegpt(record: dict, prompts: bool = False) -> Conversation:
+def _messages(value: object, what: str) -> Conversation:
+    return [_message(m, f"{what}[{i}]") for i, m in enumerate(_list(value, f"field {what!r}"))]
+
+
+def _from_messages(record: dict, prompts: bool = False) -> Chat:
+    messages = _messages(_require(record, "messages", "messages"), "messages")
+    return Chat(messages, parse_tools(record.get("tools")))
+
+
+def _from_sharegpt(record: dict, prompts: bool = False) -> Chat:
     conversation = _system_first(_optional_text(record, "system"))
     for i, message in enumerate(_list(_require(record, "conversations", "sharegpt"), "field 'conversations'")):
         if not isinstance(message, dict):
-            raise _RecordError(f"conversations[{i}] must be an object with from and value, got a {_json_type(message)}")
+            raise RecordError(f"conversations[{i}] must be an object with from and value, got a {_json_type(message)}")
         speaker = _require(message, "from", "sharegpt")
         if speaker not in _SHAREGPT_ROLES:
-            raise _RecordError(
+            raise RecordError(
                 f"conversations[{i}] has unsupported 'from' {speaker!r}; expected one of {', '.join(_SHAREGPT_ROLES)}"
             )
+        if speaker == "function_call":  # LLaMA-Factory: the call(s) as JSON, {"name", "arguments"} or a list
+            calls = parse_function_call_text(message.get("value"), f"conversations[{i}].value")
+            conversation.append({"role": "assistant", "content": "", "tool_calls": calls})
+            continue
         value = _text(message.get("value"), f"conversations[{i}].value")
         conversation.append({"role": _SHAREGPT_ROLES[speaker], "content": value})
-    return conversation
+    return Chat(conversation, parse_tools(record.get("tools")))
 
 
-def _from_alternating(record: dict, prompts: bool = False) -> Conversation:
+def _from_alternating(record: dict, prompts: bool = False) -> Chat:
     conversation = _system_first(_optional_text(record, "system"))
     for i, text in enumerate(_list(_require(record, "messages", "alternating"), "field 'messages'")):
         role = "user" if i % 2 == 0 else "assistant"
         conversation.append({"role": role, "content": _text(text, f"messages[{i}]")})
-    return conversation
+    return Chat(conversation)
 
 
-_CONVERTERS: dict[str, Callable[[dict, bool], Conversation]] = {
+def _from_prompt_completion(record: dict, prompts: bool = False) -> Completion:
+    prompt = _text(_require(record, "prompt", "prompt_completion"), "field 'prompt'")
+    completion = _text(_require(record, "completion", "prompt_completion"), "field 'completion'")
+    if not completion.strip():
+        raise RecordError("field 'completion' is empty: nothing to train")
+    return Completion(prompt, completion)
+
+
+def _from_conversational_prompt_completion(record: dict, prompts: bool = False) -> Chat:
+    """TRL's conversational prompt/completion: the prompt's messages are context (their assistant turns too), the
+    completion's assistant turns are trained."""
+    prompt = _messages(_require(record, "prompt", "conversational_prompt_completion"), "prompt")
+    if not prompt:
+        raise RecordError("field 'prompt' is an empty list of messages")
+    completion = record.get("completion")
+    completion = [] if prompts and completion is None else _messages(completion, "completion")
+    if not completion and not prompts:
+        raise RecordError("field 'completion' is an empty list of messages: nothing to train")
+    for k, message in enumerate(completion):
+        if message["role"] not in ("assistant", "tool"):
+            raise RecordError(f"completion[{k}] has role {message['role']!r}; a completion holds the assistant's "
+                              "turns (and the results of its tool calls)")
+    return Chat(prompt + completion, parse_tools(record.get("tools")), first_trained=len(prompt))
+
+
+def _from_text(record: dict, prompts: bool = False) -> Document:
+    text = _text(_require(record, "text", "text"), "field 'text'")
+    if not text.strip():
+        raise RecordError("field 'text' is empty: an empty document")
+    return Document(text)
+
+
+_CONVERTERS: dict[str, Callable[[dict, bool], Item]] = {
     "alpaca": _from_alpaca,
     "messages": _from_messages,
     "sharegpt": _from_sharegpt,
     "alternating": _from_alternating,
+    "prompt_completion": _from_prompt_completion,
+    "conversational_prompt_completion": _from_conversational_prompt_completion,
+    "text": _from_text,
 }
 
 
-def _validate(conversation: Conversation, prompts: bool = False) -> None:
+def _validate(chat: Chat, prompts: bool = False) -> None:
+    """An optional system message, then user/assistant turns; an assistant turn that calls tools is followed by
+    their results (one ``tool`` message per call at most) and then by the assistant again; the last message is an
+    assistant turn (prompt files: any turn)."""
+    conversation = chat.messages
     turns = conversation[1:] if conversation and conversation[0]["role"] == "system" else conversation
     offset = len(conversation) - len(turns)
     if not turns:
-        raise _RecordError("conversation has no user/assistant turns")
-    for i, message in enumerate(turns):
-        expected = "user" if i % 2 == 0 else "assistant"
-        if message["role"] != expected:
-            raise _RecordError(
-                f"message {i + offset} has role {message['role']!r} where {expected!r} was expected "
-                "(an optional system message first, then user/assistant strictly alternating)"
+        raise RecordError("conversation has no user/assistant turns")
+    calls: list[dict] = []  # the calls of the latest assistant turn that made some
+    caller = results = 0
+    previous = None
+    for k, message in enumerate(turns):
+        i, role = k + offset, message["role"]
+        if previous is None or previous["role"] == "assistant" and not previous.get("tool_calls"):
+            expected = ("user",)
+        elif previous["role"] == "user":
+            expected = ("assistant",)
+        elif previous["role"] == "assistant":
+            expected = ("tool",)
+        else:  # after a tool result: the next result of the same calls, or the assistant
+            expected = ("tool", "assistant") if results < len(calls) else ("assistant",)
+        if role not in expected:
+            if role == "tool" and not calls:
+                raise RecordError(f"message {i} is a tool result with no tool call before it")
+            if role == "tool":
+                raise RecordError(f"message {i} is tool result {results + 1} of message {caller}, which made "
+                                  f"{len(calls)} call(s)")
+            what = " or ".join(repr(e) for e in expected)
+            raise RecordError(
+                f"message {i} has role {role!r} where {what} was expected (an optional system message first, then "
+                "user/assistant strictly alternating; tool results right after the assistant turn that calls them)"
             )
-        if expected == "assistant" and not message["content"].strip():
-            raise _RecordError(f"message {i + offset} is an empty assistant answer")
-    if turns[-1]["role"] != "assistant" and not prompts:
-        raise _RecordError("conversation ends on the user; the last message must be an assistant answer")
+        if role == "assistant" and message.get("tool_calls"):
+            calls, caller, results = message["tool_calls"], i, 0
+        elif role == "assistant" and not (message["content"] or "").strip():
+            raise RecordError(f"message {i} is an empty assistant answer")
+        elif role == "tool":
+            results += 1
+            ids = [c["id"] for c in calls if "id" in c]
+            if message.get("tool_call_id") is not None and ids and message["tool_call_id"] not in ids:
+                raise RecordError(f"message {i} answers tool call id {message['tool_call_id']!r}, which message "
+                                  f"{caller} did not make (its ids: {', '.join(ids)})")
+        previous = message
+    if not prompts and turns[-1]["role"] == "user":
+        raise RecordError("conversation ends on the user; the last message must be an assistant answer")
+    if not prompts and turns[-1]["role"] == "tool":
+        raise RecordError("conversation ends on a tool result; the last message must be an assistant turn")
+    if chat.first_trained and not any(m["role"] == "assistant" for m in conversation[chat.first_trained:]) \
+            and not prompts:
+        raise RecordError("the completion has no assistant turn: nothing to train")
+    check_calls(conversation, chat.tools)

@@ -30,7 +30,7 @@ from trainer.once import build_once
 
 logger = logging.getLogger(__name__)
 
-FORMAT_VERSION = 2
+FORMAT_VERSION = 3  # 3: items of several kinds (chats with tools, documents, completions); replies end at the stop
 MANIFEST = "manifest.json"
 
 

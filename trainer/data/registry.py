@@ -89,7 +89,8 @@ def resolve_dataset(
     """
     items = [item.strip() for item in spec.split(",") if item.strip()]
     if not items:
-        raise DataError("no dataset given: pass a registered name, a .json/.jsonl/.parquet file or a folder of them")
+        raise DataError("no dataset given: pass a registered name, a .json/.jsonl/.parquet/.txt file or a folder "
+                        "of them")
     registry = load_registry(registry_file)
     local_dir = data_dir if data_dir is not None else os.environ.get(DATA_DIR_ENV) or None
     files: list[Path] = []
@@ -110,13 +111,16 @@ def _entry(name: str, registry: dict) -> dict:
 def _local_files(item: str, registry: dict) -> list[Path]:
     path = Path(item).expanduser()
     if path.is_dir():
-        found = sorted(p for p in path.iterdir() if p.is_file() and p.suffix.lower() in EXTENSIONS)
+        # Record files if there are any; else the folder is a corpus of .txt documents. Beside record files, .txt
+        # files are notes (a README), not data: name one in --dataset to train it.
+        files = sorted(p for p in path.iterdir() if p.is_file() and p.suffix.lower() in EXTENSIONS)
+        found = [p for p in files if p.suffix.lower() != ".txt"] or files
         if not found:
-            raise DataError(f"dataset folder {path} holds no .json, .jsonl or .parquet files")
+            raise DataError(f"dataset folder {path} holds no .json, .jsonl, .parquet or .txt files")
         return found
     if path.is_file():
         if path.suffix.lower() not in EXTENSIONS:
-            raise DataError(f"dataset file {path} must end in .json, .jsonl or .parquet")
+            raise DataError(f"dataset file {path} must end in .json, .jsonl, .parquet or .txt")
         return [path]
     if path.suffix or os.sep in item or "/" in item:
         raise DataError(f"dataset file {path} not found")

@@ -1,6 +1,6 @@
 """``--dataset`` → the record sources it names, each with a content fingerprint and an optional mixing weight.
 
-An item is a registered name (``tang``), a .json/.jsonl/.parquet file, a folder of such files, a folder written by
+An item is a registered name (``tang``), a .json/.jsonl/.parquet/.txt file, a folder of such files, a folder written by
 ``datasets.Dataset.save_to_disk``, or a Hugging Face hub dataset (``owner/name``, loaded with ``datasets`` and
 its cache). ``name:weight`` mixes sources by weight (see :mod:`trainer.data.mixing`). Every source can say what
 its content is (a sha256 of the bytes, or the ``datasets`` fingerprint), which keys the prepared data, and stream its
@@ -82,7 +82,8 @@ def split_weights(spec: str) -> list[tuple[str, float | None]]:
     """``"a.jsonl:0.7,tang:0.3"`` → ``[("a.jsonl", 0.7), ("tang", 0.3)]``; weights are all given or none."""
     items = [item.strip() for item in spec.split(",") if item.strip()]
     if not items:
-        raise DataError("no dataset given: pass a registered name, a .json/.jsonl/.parquet file or a folder of them")
+        raise DataError("no dataset given: pass a registered name, a .json/.jsonl/.parquet/.txt file or a folder "
+                        "of them")
     parsed = []
     for item in items:
         match = _WEIGHT.match(item)
