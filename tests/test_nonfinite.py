@@ -42,8 +42,9 @@ def test_a_non_finite_loss_stops_at_the_next_boundary_naming_its_step(tmp_path):
         guard.on_step_end(args(tmp_path), state(4, {1: 3.0, 2: 2.5}), boundary(), model=model)
     message = str(stopped.value)
     assert message.startswith("training diverged: the loss became NaN or infinite at step 3; the last finite loss "
-                              "logged was 2.5 at step 2; no checkpoint was saved; try a lower --learning_rate "
-                              "(now 10000), bf16 rather than fp16 (now fp32), or gradient clipping")
+                              "logged was 2.5 at step 2; nothing non-finite was saved (no checkpoint yet); try a "
+                              "lower --learning_rate (now 10000), bf16 rather than fp16 (now fp32), or a smaller "
+                              "--max_grad_norm (now 1)")
 
 
 def test_non_finite_weights_stop_even_when_every_loss_was_finite(tmp_path):

@@ -44,6 +44,12 @@ def test_a_folder_holding_a_run_is_refused_unless_told_what_to_do(tmp_path):
         assert folder.resume == str(out.resolve() / "checkpoint-6")
         with pytest.raises(RunLockError, match="is in use by another run"):  # while this one runs
             RunFolder(config(out, "--resume_from_checkpoint", "latest"), is_main=True).__enter__()
+    (out / "train_results.json").write_text("{}")  # finished: a resume continues it (e.g. to more steps)
+    with RunFolder(config(out, "--resume_from_checkpoint", "latest"), is_main=True) as folder:
+        assert folder.resume == str(out.resolve() / "checkpoint-6")
+        assert (out / "train_results.json").exists()
+        folder.begin()
+        assert not (out / "train_results.json").exists()  # a kill from here on leaves an unfinished run
 
 
 def test_overwrite_moves_nothing_until_begin_and_deletes_at_the_first_checkpoint(tmp_path):

@@ -111,10 +111,11 @@ class NonFiniteGuard(TrainerCallback):
         last = f"the last finite loss logged was {losses[-1][1]:.4g} at step {losses[-1][0]}" if losses else \
             "no loss was logged before"
         good = complete_checkpoints(args.output_dir)
-        kept = (f"nothing after step {self._last_checked} was saved, {Path(good[-1]).name} is the last good "
-                f"checkpoint" if good else "no checkpoint was saved")
+        kept = (f"nothing non-finite was saved: {Path(good[-1]).name} is the last good checkpoint" if good else
+                "nothing non-finite was saved (no checkpoint yet)")
         precision = "fp16" if args.fp16 else "bf16" if args.bf16 else "fp32"
-        clip = f"now {args.max_grad_norm:g}" if args.max_grad_norm and args.max_grad_norm > 0 else "now off"
+        clip = (f"a smaller --max_grad_norm (now {args.max_grad_norm:g})" if args.max_grad_norm and
+                args.max_grad_norm > 0 else "gradient clipping with --max_grad_norm 1.0 (now off)")
         return (f"training diverged: {what}; {last}; {kept}; try a lower --learning_rate (now "
-                f"{args.learning_rate:g}), bf16 rather than fp16 (now {precision}), or gradient clipping with "
-                f"--max_grad_norm 1.0 ({clip}), and start over with --overwrite_output_dir")
+                f"{args.learning_rate:g}), bf16 rather than fp16 (now {precision}), or {clip}, and start over "
+                f"with --overwrite_output_dir")

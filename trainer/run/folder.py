@@ -95,6 +95,7 @@ class RunFolder:
         self.replacing = False  # an old run is to be moved aside at begin()
         self.replaced = False  # ... and has been
         self.confirmed = False  # ... and is deleted: this run has a checkpoint or has ended
+        self.continuing = False  # a finished run resumed (e.g. to a larger --max_steps): unfinished again at begin()
         self._guard: contextlib.AbstractContextManager | None = None
 
     # ------------------------------------------------------------------ start
@@ -190,11 +191,14 @@ class RunFolder:
                 )
 
     def _check_existing(self, request: str | None) -> str | None:
-        if is_finished(self.path) or (self.path / FINISHED_MARKER).exists():
-            raise OutputDirError(
-                f"{self.given} already holds a finished run ({FINISHED_MARKER}); choose another --output_dir or pass "
-                f"--overwrite_output_dir to replace it"
-            )
+        if (self.path / FINISHED_MARKER).exists():
+            if request in NO_RESUME or not resumable_checkpoints(self.path, warn=False):
+                raise OutputDirError(
+                    f"{self.given} already holds a finished run ({FINISHED_MARKER}); choose another --output_dir, "
+                    f"pass --overwrite_output_dir to replace it, or --resume_from_checkpoint latest to continue it "
+                    f"(e.g. with a larger --max_steps)"
+                )
+            self.continuing = True
         if checkpoint_folders(self.path) and request in NO_RESUME:
             found = [p.name for p in resumable_checkpoints(self.path, warn=False)]
             raise OutputDirError(
@@ -221,6 +225,9 @@ class RunFolder:
 
     def begin(self) -> None:
         """Configuration, data and model are checked: move a run being replaced aside (every process calls this)."""
+        if self.is_main and self.continuing:
+            (self.path / FINISHED_MARKER).unlink(missing_ok=True)
+            logger.info("%s: continuing the finished run from %s", self.given, Path(self.resume).name)
         if self.is_main and self.replacing and self.path.exists():
             if self.aside.exists():
                 shutil.rmtree(self.aside)
