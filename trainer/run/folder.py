@@ -35,7 +35,7 @@ from trainer.checkpoints import (
     checkpoint_folders,
     checkpoint_step,
     complete_checkpoints,
-    describe_resumable,
+    marked_files,
     remove_leftovers,
     resolve_resume,
     resumable_checkpoints,
@@ -214,9 +214,14 @@ class RunFolder:
                     f"would save over them; move them out of {self.given} to continue from {Path(resume).name}, or "
                     f"resume from latest"
                 )
+        if resume is None and request == "latest" and any(marked_files(p) is not None
+                                                          for p in checkpoint_folders(self.path)):
+            raise OutputDirError(
+                f"--resume_from_checkpoint latest: {self.given} holds checkpoints, but none can resume (see the "
+                f"warnings above); restore their files, or start over with --overwrite_output_dir"
+            )
         if resume is None and request == "latest" and checkpoint_folders(self.path):
-            logger.warning("%s: no checkpoint can resume (%s): starting fresh", self.given,
-                           describe_resumable(self.path))
+            logger.warning("%s: no checkpoint was finished before the run stopped: starting fresh", self.given)
         elif resume is None and (self.path / RUN_CONFIG).exists():
             logger.info("%s: an earlier start left no checkpoint: its files are replaced", self.given)
         return resume
