@@ -33,7 +33,7 @@ def boundary() -> TrainerControl:
 
 def test_a_non_finite_loss_stops_at_the_next_boundary_naming_its_step(tmp_path):
     guard, model = NonFiniteGuard(), torch.nn.Linear(2, 2)
-    for step, loss in ((1, 3.0), (2, 2.5), (3, math.nan), (4, 2.0)):
+    for step, loss in ((1, 3.0), (2, 2.5), (3, math.nan), (4, math.inf)):
         guard.observe_loss(torch.tensor(loss), step)
         if step == 2:
             guard.on_step_end(args(tmp_path), state(2, {1: 3.0, 2: 2.5}), boundary(), model=model)
