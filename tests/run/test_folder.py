@@ -62,6 +62,7 @@ def test_overwrite_moves_nothing_until_begin_and_deletes_at_the_first_checkpoint
         assert list(out.iterdir()) == [] and snapshot(tmp_path / ".out.replaced") == before
         checkpoint(out, 2)
         folder.checkpoint_complete(out / "checkpoint-2")
+        folder._deleting.join()
         assert not (tmp_path / ".out.replaced").exists()
     assert [p.name for p in out.iterdir()] == ["checkpoint-2"]
 

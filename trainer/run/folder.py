@@ -27,6 +27,7 @@ import logging
 import os
 import shutil
 import socket
+import threading
 import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -97,6 +98,7 @@ class RunFolder:
         self.confirmed = False  # ... and is deleted: this run has a checkpoint or has ended
         self.continuing = False  # a finished run resumed (e.g. to a larger --max_steps): unfinished again at begin()
         self._guard: contextlib.AbstractContextManager | None = None
+        self._deleting: threading.Thread | None = None
 
     # ------------------------------------------------------------------ start
 
@@ -260,10 +262,16 @@ class RunFolder:
         self.confirm()
 
     def confirm(self) -> None:
-        """The new run has a complete checkpoint or has ended: the run it replaced goes."""
+        """The new run has a complete checkpoint or has ended: the run it replaced goes.
+
+        Deleted in a background thread (a large run on a shared filesystem can take minutes, during which the other
+        ranks would wait in a collective), joined before the process ends; a deletion cut short by a kill is
+        finished at the next start."""
         if self.replaced and not self.confirmed:
-            shutil.rmtree(self.aside, ignore_errors=True)
-            logger.info("deleted the replaced run %s", self.aside)
+            self._deleting = threading.Thread(target=shutil.rmtree, args=(self.aside,), kwargs={"ignore_errors": True},
+                                              name="delete-replaced-run", daemon=True)
+            self._deleting.start()
+            logger.info("deleting the replaced run %s", self.aside)
         self.confirmed = True
 
     def __exit__(self, exc_type, exc, tb) -> None:
@@ -280,4 +288,6 @@ class RunFolder:
                 logger.warning("this run failed before its first checkpoint: restored the previous run in %s",
                                self.given)
         finally:
+            if self._deleting is not None:
+                self._deleting.join()
             self.lock.release()
