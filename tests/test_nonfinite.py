@@ -85,3 +85,13 @@ def test_every_rank_stops_at_the_same_boundary_when_one_rank_goes_bad():
     results = mp.Manager().dict()
     mp.start_processes(_rank, args=(port, results), nprocs=2, start_method="fork")
     assert dict(results) == {r: "training diverged: the loss became NaN or infinite at step 2" for r in (0, 1)}
+
+
+def test_large_fp16_weights_whose_sum_exceeds_fp16_are_finite():
+    from trainer.callbacks.nonfinite import weights_finite
+
+    layer = torch.nn.Linear(400, 400).half()
+    layer.weight.data.fill_(1.0)  # sums to 160,000: beyond fp16's 65,504, yet every weight is finite
+    assert bool(weights_finite(layer, torch.device("cpu")))
+    layer.weight.data[3, 3] = math.nan
+    assert not bool(weights_finite(layer, torch.device("cpu")))
