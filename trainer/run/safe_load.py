@@ -9,8 +9,9 @@ option to change that. Two measures, neither of which patches a library:
 
 - :func:`verify_checkpoint` (main process, before anything is loaded): every pickle file of the checkpoint is loaded
   once with ``weights_only=True`` under :func:`allowed_globals` — storages memory-mapped, so only the small pickle
-  record is read (1-10 ms a file) — and a file that names anything else is refused in one sentence naming the file
-  and the type. ``training_args.bin`` is skipped: no resume reads it.
+  record is read (about 10 ms a checkpoint, whatever its size: ``bench/results/2026-12-06-cpu-run-guards.md``) — and a
+  file that names anything else is refused in one sentence naming the file and the type. ``training_args.bin`` is
+  skipped: no resume reads it.
 - :func:`guard_loading` (every process, for the run, when resuming): sets torch's own
   ``TORCH_FORCE_WEIGHTS_ONLY_LOAD=1``, which makes every ``torch.load`` of the process use the weights-only
   unpickler even where the caller passed ``weights_only=False`` (DeepSpeed), and registers the few DeepSpeed types
