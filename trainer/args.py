@@ -201,7 +201,17 @@ class FinetuneArguments:
         },
     )
     overwrite_output_dir: bool = field(
-        default=False, metadata={"help": "Start over in an output dir that holds a finished or unfinished run."}
+        default=False,
+        metadata={"help": "Start over in an output dir that holds a finished or unfinished run. The old run is moved "
+                  "aside only once configuration, data and model are checked, deleted at the new run's first "
+                  "checkpoint, and restored if the new run fails before it."},
+    )
+    allow_resume_changes: str | None = field(
+        default=None,
+        metadata={"help": "A resume is refused when it changes what the checkpoint was trained on or how it was "
+                  "batched (data and its content, template, tokenizer, max_length, packing, seed, global batch, "
+                  "model, LoRA shape); the error names each change. Comma list of those names (or 'all') to accept "
+                  "them knowingly, recorded in run_config.json. --max_steps/--num_train_epochs may always change."},
     )
 
 

@@ -1,48 +1,14 @@
-"""What a run leaves in its output folder, and the rules that keep two runs from mixing in one folder.
+"""What a run leaves in its output folder: the finished marker, the model to sample from, the loss plot.
 
-A finished run is marked by ``train_results.json`` (written last). A folder holding a finished run, or
-checkpoints of an unfinished one, is refused unless the user says what to do: ``--resume_from_checkpoint
-latest`` to continue, ``--overwrite_output_dir`` to start over.
+A finished run is marked by ``train_results.json`` (written last). The rules that keep two runs from mixing in one
+folder are in :mod:`trainer.run.folder`.
 """
 
 from __future__ import annotations
 
-import shutil
 from pathlib import Path
 
-from trainer.checkpoints import complete_checkpoints
-from trainer.errors import UserError
-
 FINISHED_MARKER = "train_results.json"
-
-
-class OutputDirError(UserError, ValueError):
-    pass
-
-
-def check_output_dir(output_dir: str, resume: str | None, overwrite: bool, is_main: bool = True) -> str | None:
-    """Validate the folder against the resume request; with ``overwrite`` the old run is cleared (main process)."""
-    folder = Path(output_dir)
-    finished = (folder / FINISHED_MARKER).is_file()
-    checkpoints = [p.name for p in folder.glob("checkpoint-*")] if folder.is_dir() else []
-    if overwrite:
-        if is_main:
-            for name in checkpoints:
-                shutil.rmtree(folder / name, ignore_errors=True)
-            (folder / FINISHED_MARKER).unlink(missing_ok=True)
-        return None
-    if finished:
-        raise OutputDirError(
-            f"{output_dir} already holds a finished run ({FINISHED_MARKER}); choose another --output_dir or pass "
-            f"--overwrite_output_dir to replace it"
-        )
-    if checkpoints and not resume:
-        found = [p.name for p in complete_checkpoints(folder)]
-        raise OutputDirError(
-            f"{output_dir} holds checkpoints of an unfinished run ({', '.join(found) or 'none complete'}); pass "
-            f"--resume_from_checkpoint latest to continue it or --overwrite_output_dir to start over"
-        )
-    return resume
 
 
 def model_for_generation(trainer, output_dir: str):

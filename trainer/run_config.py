@@ -90,11 +90,27 @@ def resolved_config(cfg: Config, report: DataReport, world_size: int, base_model
     }
 
 
-def write_run_config(cfg: Config, report: DataReport, world_size: int, base_model: str | None = None) -> Path:
+def write_run_config(cfg: Config, report: DataReport, world_size: int, base_model: str | None = None,
+                     start: dict[str, Any] | None = None) -> Path:
+    """Write ``run_config.json``. ``start`` describes this start of the run (time, host, job, what it resumed from,
+    changes accepted); a resumed run keeps the configurations of its earlier starts under ``history``."""
     path = Path(cfg.training.output_dir) / RUN_CONFIG
     path.parent.mkdir(parents=True, exist_ok=True)
     config = scrub(resolved_config(cfg, report, world_size, base_model), known_secrets())
-    path.write_text(json.dumps(config, ensure_ascii=False, indent=2), encoding="utf-8")
+    history: list = []
+    if start is not None:
+        config["start"] = scrub(start, known_secrets())
+        if start.get("resumed_from") and path.is_file():
+            try:
+                earlier = json.loads(path.read_text(encoding="utf-8"))
+            except ValueError:
+                earlier = {"unreadable": RUN_CONFIG}
+            history = [*earlier.pop("history", []), earlier]
+    if history:
+        config["history"] = history
+    tmp = path.with_name(f".{RUN_CONFIG}.tmp")
+    tmp.write_text(json.dumps(config, ensure_ascii=False, indent=2), encoding="utf-8")
+    os.replace(tmp, path)
     return path
 
 

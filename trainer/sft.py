@@ -23,10 +23,10 @@ from transformers.trainer_utils import set_seed
 from trainer import outputs
 from trainer.args import Config, ConfigError, parse_config
 from trainer.batch import gradient_accumulation_for, world_size_from_env
+from trainer.callbacks.checkpoints import CheckpointCallback
 from trainer.callbacks.eval_generation import EvalGenerationCallback
 from trainer.callbacks.isolation import PackingIsolationCallback
 from trainer.callbacks.preemption import PREEMPTED_EXIT_CODE, PreemptionCallback
-from trainer.checkpoints import MarkCompleteCallback, resolve_resume
 from trainer.data.packing import PackedCollator, PaddedCollator, PaddingFreeCollator, install_isolation_guard
 from trainer.data.prompts import to_prompt
 from trainer.data.templates import end_of_turn_token_id
@@ -34,6 +34,8 @@ from trainer.errors import UserError
 from trainer.model import load_model, resize_for_tokenizer
 from trainer.preparation import prepare, setup_data
 from trainer.preview import preview
+from trainer.run.folder import RunFolder
+from trainer.run.settings import check_resume, run_settings
 from trainer.run_config import write_run_config
 from trainer.samples import SampleRecorder, load_sample_prompts
 from trainer.sampling import default_generation_config
@@ -115,9 +117,13 @@ def run(cfg: Config) -> int:
                           "this machine; leave it off (or use --loss_impl chunked for the memory of the LM head)")
     world_size = world_size_from_env()
     apply_global_batch(cfg, world_size)
-    resume = outputs.check_output_dir(args.output_dir, args.resume_from_checkpoint, cfg.finetune.overwrite_output_dir,
-                                      is_main=args.process_index == 0)
-    resume = resolve_resume(resume, args.output_dir)
+    with RunFolder(cfg, is_main=args.process_index == 0) as folder:  # one run per folder, from here to the end
+        return train(cfg, folder, world_size)
+
+
+def train(cfg: Config, folder: RunFolder, world_size: int) -> int:
+    args = cfg.training
+    resume = folder.resume
     if resume:
         logger.info("resuming from %s", resume)
     elif args.resume_from_checkpoint == "latest":
@@ -129,9 +135,8 @@ def run(cfg: Config) -> int:
     setup = setup_data(cfg)
     data = prepare(cfg, setup, show_progress=args.process_index == 0)
     logger.info("%s", data.report.summary())
-    if args.process_index == 0:
-        data.report.write(args.output_dir)
-        write_run_config(cfg, data.report, world_size, setup.model_path)
+    settings = run_settings(cfg, setup, world_size)
+    accepted = check_resume(resume, settings, cfg.finetune.allow_resume_changes) if resume else []
     if data.eval is None and args.eval_strategy != "no":
         raise ConfigError(f"--eval_strategy {args.eval_strategy} needs evaluation data: --val_size or --eval_dataset")
     if cfg.data.eval_generate and (data.eval is None or args.eval_strategy == "no"):
@@ -162,7 +167,7 @@ def run(cfg: Config) -> int:
 
     collator = collator_for(cfg, model.config._attn_implementation, tokenizer.pad_token_id)
     preemption = PreemptionCallback()
-    callbacks = [MarkCompleteCallback(), preemption, *samples.callbacks()]
+    callbacks = [CheckpointCallback(args.save_total_limit, settings, folder), preemption, *samples.callbacks()]
     if cfg.data.packing or cfg.data.padding_free:
         install_isolation_guard(model)
         callbacks.append(PackingIsolationCallback(collator, cfg.data.packing, len(tokenizer)))
@@ -186,6 +191,10 @@ def run(cfg: Config) -> int:
     )
     if generations is not None:
         generations.trainer = trainer
+    folder.begin()  # configuration, data and model checked: only now may a replaced run be moved aside
+    if args.process_index == 0:
+        data.report.write(args.output_dir)
+        write_run_config(cfg, data.report, world_size, setup.model_path, folder.start_record(accepted))
     result = trainer.train(resume_from_checkpoint=resume)
     if preemption.preempted:
         logger.warning("preempted: checkpoint saved in %s; resume with --resume_from_checkpoint latest",

@@ -13,6 +13,7 @@ from __future__ import annotations
 import logging
 import resource
 import time
+from pathlib import Path
 
 import datasets
 import torch
@@ -20,9 +21,14 @@ import torch.distributed as dist
 from transformers import Trainer, TrainerCallback
 
 from trainer.batch import GlobalBatchSampler, with_empty_row
+from trainer.callbacks.checkpoints import CheckpointCallback
+from trainer.callbacks.nonfinite import NonFiniteGuard
+from trainer.checkpoints import remove_folder
 from trainer.data.templates import IGNORE_INDEX
 from trainer.errors import UserError
 from trainer.loss import CHUNKED_MIN_LOGITS, causal_lm_loss, chunked_lm_loss_unsupported
+from trainer.run.decide import barrier
+from trainer.run.disk import disk_full_as_error
 
 logger = logging.getLogger("sft")
 
@@ -64,6 +70,8 @@ class SFTTrainer(Trainer):
         self.train_sampler: GlobalBatchSampler | None = None
         self._loader_with_empty_row = None  # the training loader's data set: the caller's rows + the empty row
         self.add_callback(_SamplerEpoch(self))
+        self.nonfinite = NonFiniteGuard()  # last: it sees the save/stop requests of every other callback
+        self.add_callback(self.nonfinite)
         self.chunked_loss = self._decide_loss(loss_impl, tokens_per_micro_batch)
 
     def _decide_loss(self, loss_impl: str, tokens_per_micro_batch: int | None) -> bool:
@@ -124,6 +132,38 @@ class SFTTrainer(Trainer):
                         global_batch, f"has {rows % global_batch} rows (+ {sampler.empty_rows} empty ones)"
                         if sampler.empty_rows else f"is dropped ({rows % global_batch} rows, --dataloader_drop_last)")
         return sampler
+
+    def training_step(self, model, inputs, num_items_in_batch=None):
+        loss = super().training_step(model, inputs, num_items_in_batch)
+        self.nonfinite.observe_loss(loss, self.state.global_step + 1)
+        return loss
+
+    def _save_checkpoint(self, model, trial) -> None:
+        """The Trainer's save, into a folder of its own, without its rotation when ours runs after the marker.
+
+        A folder of the same name (an unmarked leftover of a kill, or a checkpoint of a later step than the one
+        resumed) is removed first: files of another save must not mix into this one, nor its old marker vouch for
+        it. The Trainer's rotation deletes old checkpoints before this one is marked complete; with
+        :class:`~trainer.callbacks.checkpoints.CheckpointCallback` present it rotates after the marker instead.
+        """
+        folder = Path(self._get_output_dir(trial)) / f"checkpoint-{self.state.global_step}"
+        if self.args.should_save and folder.exists():
+            logger.warning("%s exists from an earlier save that this run does not continue: replaced", folder)
+            remove_folder(folder)
+        barrier()
+        ours = any(isinstance(cb, CheckpointCallback) for cb in self.callback_handler.callbacks)
+        limit = self.args.save_total_limit
+        if ours:
+            self.args.save_total_limit = None
+        try:
+            with disk_full_as_error(folder, f"checkpoint-{self.state.global_step}"):
+                super()._save_checkpoint(model, trial)
+        finally:
+            self.args.save_total_limit = limit
+
+    def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
+        with disk_full_as_error(output_dir or self.args.output_dir, "the model"):
+            super().save_model(output_dir, _internal_call)
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         if model.training:

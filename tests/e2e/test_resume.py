@@ -80,13 +80,13 @@ def test_sigterm_saves_a_loadable_checkpoint_and_exits_75(tang_slice, tmp_path):
 
 
 def test_half_written_checkpoint_is_never_resumed(tang_slice, tmp_path):
+    from tests.test_checkpoints import checkpoint
     from trainer.checkpoints import resolve_resume
 
     out = tmp_path / "out"
     (out / "checkpoint-9").mkdir(parents=True)  # as a kill during saving leaves it: no COMPLETE marker
     (out / "checkpoint-9" / "trainer_state.json").write_text("{}")
-    (out / "checkpoint-3").mkdir()
-    (out / "checkpoint-3" / "COMPLETE").write_text("ok")
+    checkpoint(out, 3)
     assert resolve_resume("latest", out) == str(out / "checkpoint-3")
     assert resolve_resume("latest", tmp_path / "empty") is None
 
