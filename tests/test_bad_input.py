@@ -35,6 +35,8 @@ BAD_DATA = {
     "ends on the user": ("d.jsonl", jsonl({"messages": ["q", "a", "q2"]}), "d.jsonl:1:"),
     "not utf-8": ("d.jsonl", jsonl(GOOD).encode() + b'{"instruction": "\xff\xfe", "output": "x"}\n', "d.jsonl:2:"),
     "empty file": ("d.jsonl", "", "d.jsonl"),
+    "lone surrogate": ("d.jsonl", jsonl(GOOD, '{"instruction": "\\ud800", "output": "x"}'), "d.jsonl:2: field"),
+    "nested 100,000 deep": ("d.json", "[\n" + "[" * 100_000 + "]" * 100_000 + "\n]", "d.json:2: JSON nested"),
 }
 
 
@@ -60,6 +62,15 @@ def test_skip_lists_every_bad_record_in_the_report(tmp_path, tang_slice):
     report = json.loads((out / "data_report.json").read_text())
     assert [(s["line"], s["index"]) for s in report["skipped_records"]] == [(2, 1), (4, 3)]
     assert report["train_examples"] == 3
+
+
+def test_a_record_over_max_record_mb_is_named_with_its_size(tmp_path, capsys):
+    path = tmp_path / "d.jsonl"
+    path.write_text(jsonl(GOOD, {"instruction": "q", "output": "x" * 2000}), encoding="utf-8")
+    code = sft.main(["--dataset", str(path), "--max_record_mb", "0.001", "--output_dir", str(tmp_path / "out"),
+                     "--report_to", "none"])
+    err = capsys.readouterr().err
+    assert code == 2 and f"error: {path}:2: record of 2,034 bytes is over the limit of 1,048 bytes" in err, err
 
 
 def test_overlong_examples_are_counted(tmp_path, tiny_model_dir):

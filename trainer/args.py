@@ -15,6 +15,7 @@ import torch
 import yaml
 from transformers import HfArgumentParser, TrainingArguments
 
+from trainer.data.formats import DEFAULT_MAX_RECORD_MB
 from trainer.errors import UserError
 from trainer.metrics import resolve_metric_names
 
@@ -99,6 +100,12 @@ class DataArguments:
     on_bad_record: str = field(
         default="error",
         metadata={"help": "error: stop at the first bad record (file:line named) | skip: skip and list in report."},
+    )
+    max_record_mb: float = field(
+        default=DEFAULT_MAX_RECORD_MB,
+        metadata={"help": "Largest record read, in MiB: a bigger one is a bad record (file:line and size named; "
+                  "see --on_bad_record), refused before it is read whole or tokenised (tokenising takes ~100-200x "
+                  "a record's size in memory). The default holds a million-token conversation."},
     )
     packing: bool = field(
         default=False,
@@ -352,6 +359,8 @@ def _check_choices(model: ModelArguments, data: DataArguments, finetune: Finetun
             raise ConfigError(f"{flag} {value!r}: expected one of {', '.join(allowed)}")
     if data.max_length < 2:
         raise ConfigError(f"--max_length {data.max_length}: must be at least 2")
+    if not data.max_record_mb > 0:
+        raise ConfigError(f"--max_record_mb {data.max_record_mb}: a size in MiB, more than 0")
     if data.preview < 0:
         raise ConfigError(f"--preview {data.preview}: a number of examples, 0 or more")
     try:

@@ -50,7 +50,8 @@ def _examples(setup: DataSetup) -> Iterator[tuple[str, int, list[int], list[int]
     encoder = ConversationEncoder(setup.tokenizer, setup.template, options.template_kwargs, options.max_length)
     for source in setup.train_sources:
         for part in source.streams:
-            reader = ConversationReader(part.where, part.records(), options.on_bad_record)
+            reader = ConversationReader(part.where, part.records(options.max_record_bytes), options.on_bad_record,
+                                        max_record_bytes=options.max_record_bytes)
             for line, conversation in reader:
                 encoded = encoder.encode([with_system(conversation, options.system)])
                 for _, message in encoded.errors:

@@ -30,7 +30,7 @@ from tqdm.auto import tqdm
 from transformers import PreTrainedTokenizerBase
 
 from trainer.data.encode import ConversationEncoder, encode_batches
-from trainer.data.formats import ConversationReader, DataError, with_system
+from trainer.data.formats import DEFAULT_MAX_RECORD_BYTES, ConversationReader, DataError, with_system
 from trainer.data.gather import FileRows, MappedStream
 from trainer.data.mixing import mixture
 from trainer.data.packing import ROW_SCHEMA, PackingStats, packed_row_batches, row_order
@@ -68,6 +68,7 @@ class DataOptions:
     seed: int = 42
     mix_by: str = "examples"
     template_kwargs: Mapping[str, Any] = field(default_factory=dict)
+    max_record_bytes: int = DEFAULT_MAX_RECORD_BYTES
 
 
 @dataclass
@@ -146,7 +147,8 @@ def _conversation_batches(sources: list[Source], options: DataOptions, stats: _S
     for source_index, source in enumerate(sources):
         is_train = source_index < train_sources
         for stream in source.streams:
-            reader = ConversationReader(stream.where, stream.records(), options.on_bad_record)
+            reader = ConversationReader(stream.where, stream.records(options.max_record_bytes), options.on_bad_record,
+                                        max_record_bytes=options.max_record_bytes)
             batch, where = [], []
             records_before = stats.conversations
             for line, conversation in reader:
@@ -366,7 +368,9 @@ def _write_eval_conversations(path: Path, sources: list[Source], train_sources: 
         for source_index, source in enumerate(sources):
             is_train = source_index < train_sources
             for stream in source.streams:
-                for line, conversation in ConversationReader(stream.where, stream.records(), options.on_bad_record):
+                reader = ConversationReader(stream.where, stream.records(options.max_record_bytes),
+                                            options.on_bad_record, max_record_bytes=options.max_record_bytes)
+                for line, conversation in reader:
                     if is_train and options.max_samples is not None and index >= options.max_samples:
                         break
                     if not is_train or held[index]:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import codecs
 import json
 import re
+import sys
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -22,12 +23,18 @@ Conversation = list[Message]
 FORMATS = ("alpaca", "messages", "sharegpt", "alternating")
 ON_BAD_RECORD = ("error", "skip")
 EXTENSIONS = (".json", ".jsonl", ".parquet")
+# Largest record read, in bytes (``--max_record_mb``): tokenising one record takes ~100-200x its size in memory
+# (8 MiB of text: 0.9 GB with a small byte-level BPE), so a stray multi-megabyte blob must be refused, not encoded.
+# 8 MiB holds a million-token conversation; anything larger is truncated to --max_length anyway.
+DEFAULT_MAX_RECORD_MB = 8.0
+DEFAULT_MAX_RECORD_BYTES = int(DEFAULT_MAX_RECORD_MB * 2**20)
 
 _SHAREGPT_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "system": "system"}
 _ROLES = ("system", "user", "assistant")
 # Names under which chat data carries an assistant turn's reasoning (kept as ``reasoning_content``).
 REASONING_KEYS = ("reasoning_content", "reasoning", "thinking")
 _WS = re.compile(r"[ \t\n\r]*")
+_SURROGATE = re.compile("[\ud800-\udfff]")
 
 
 class DataError(UserError, ValueError):
@@ -83,10 +90,12 @@ class ConversationReader:
     (a broken .json array, non-UTF-8 bytes, no records, no usable record) always raises.
     ``prompts=True`` reads prompt files (e.g. a test set): the final answer may be missing (an alpaca record
     without ``output``, a conversation ending on the user); everything else is checked as for training data.
+    A conversation holding more than ``max_record_bytes`` of text is a bad record too (the JSON readers already
+    refuse such records before decoding them; this bounds parquet and ``datasets`` rows).
     """
 
     def __init__(self, where: str, records: Iterable[tuple[int, object]], on_bad_record: str = "error",
-                 prompts: bool = False) -> None:
+                 prompts: bool = False, max_record_bytes: int = DEFAULT_MAX_RECORD_BYTES) -> None:
         if on_bad_record not in ON_BAD_RECORD:
             raise ValueError(f"on_bad_record must be one of {ON_BAD_RECORD}, got {on_bad_record!r}")
         self.where = where
@@ -96,6 +105,7 @@ class ConversationReader:
         self._records = records
         self._skip = on_bad_record == "skip"
         self._prompts = prompts
+        self._max_bytes = max_record_bytes
 
     def __iter__(self) -> Iterator[tuple[int, Conversation]]:
         convert: Callable[[dict, bool], Conversation] | None = None
@@ -112,6 +122,7 @@ class ConversationReader:
                     self.format, convert = fmt, _CONVERTERS[fmt]
                 conversation = convert(record, self._prompts)
                 _validate(conversation, self._prompts)
+                _check_size(conversation, self._max_bytes)
             except _RecordError as err:
                 fmt_note = f", format {self.format}" if self.format and not isinstance(record, _RecordError) else ""
                 self.reject(line, index, str(err), fmt_note)
@@ -132,12 +143,14 @@ class ConversationReader:
         self.skipped.append(SkippedRecord(self.where, line, index, reason))
 
 
-def read_conversations(path: str | Path, on_bad_record: str = "error", prompts: bool = False) -> ConversationFile:
+def read_conversations(path: str | Path, on_bad_record: str = "error", prompts: bool = False,
+                       max_record_bytes: int = DEFAULT_MAX_RECORD_BYTES) -> ConversationFile:
     """Read a whole .json / .jsonl / .parquet file into validated conversations (see :class:`ConversationReader`).
 
     For small files (prompts, tests); training data is streamed through :class:`ConversationReader` instead.
     """
-    reader = ConversationReader(str(Path(path)), iter_records(path), on_bad_record, prompts)
+    reader = ConversationReader(str(Path(path)), iter_records(path, max_record_bytes), on_bad_record, prompts,
+                                max_record_bytes)
     result = ConversationFile(path=reader.where, format="")
     for line, conversation in reader:
         result.conversations.append(conversation)
@@ -146,23 +159,35 @@ def read_conversations(path: str | Path, on_bad_record: str = "error", prompts: 
     return result
 
 
-def iter_records(path: str | Path) -> Iterator[tuple[int, object]]:
+def iter_records(path: str | Path, max_record_bytes: int = DEFAULT_MAX_RECORD_BYTES) -> Iterator[tuple[int, object]]:
     """``(line, record)`` for each record of a .json array, .jsonl or .parquet file, in order, read as a stream.
 
-    Memory stays bounded by the largest record, whatever the file size. A .jsonl line that is not JSON comes as a
-    ``_RecordError`` (so a reader may skip it); for parquet, "line" is the row number. The extension and an empty
-    file are checked at once, not when iteration starts; bad UTF-8 is named by line when it is reached.
+    Memory stays bounded by ``max_record_bytes`` (plus a read chunk), whatever the file or record size: a .jsonl
+    line over it is passed over without being kept and comes as a ``_RecordError`` naming its size (so a reader may
+    skip it), as does a line that is not JSON or nests too deeply to decode; a record of a .json array over it ends
+    the reading (its end cannot be found without reading it). For parquet, "line" is the row number and rows are
+    read a few at a time when they are large. The extension and an empty file are checked at once, not when
+    iteration starts; bad UTF-8 is named by line when it is reached.
     """
     path = Path(path)
     suffix = path.suffix.lower()
     if suffix not in EXTENSIONS:
         raise DataError(f"{path}:1: unsupported extension {path.suffix!r}; expected one of {', '.join(EXTENSIONS)}")
     if suffix == ".parquet":
-        return _parquet_records(path)
+        return _parquet_records(path, max_record_bytes)
     stream = _TextStream(path)
     if not stream.skip_whitespace():
         raise DataError(f"{path}:1: empty file, no records")
-    return _jsonl_records(stream) if suffix == ".jsonl" else _json_array_records(stream)
+    if suffix == ".jsonl":
+        return _jsonl_records(stream, max_record_bytes)
+    return _json_array_records(stream, max_record_bytes)
+
+
+def _too_large(size: str, limit: int) -> str:
+    """The reason given for a record over the size limit; ``size`` says how large it is."""
+    return (f"record of {size} bytes is over the limit of {limit:,} bytes set by --max_record_mb; raise it if such "
+            "records are meant to be trained (tokenising one takes ~100-200x its size in memory), else remove the "
+            "record")
 
 
 def with_system(conversation: Conversation, system: str | None) -> Conversation:
@@ -246,8 +271,9 @@ class _TextStream:
             if not self.more():
                 return False
 
-    def readline(self) -> str | None:
-        """The rest of the current line (without its newline), or None at the end of the file."""
+    def readline(self, limit: int) -> str | int | None:
+        """The rest of the current line (without its newline); None at the end of the file; or, for a line of more
+        than ``limit`` bytes, its size in bytes: such a line is passed over without being kept."""
         while True:
             end = self.text.find("\n", self.pos)
             if end >= 0 or self.eof:
@@ -255,28 +281,62 @@ class _TextStream:
                     return None
                 end = len(self.text) if end < 0 else end
                 line, self.pos = self.text[self.pos:end], end + 1
-                return line
+                size = len(line) if len(line) * 4 <= limit else len(line.encode("utf-8"))
+                return size if size > limit else line
+            if self.unread_over(limit):
+                return self._skip_line()
             self.more()
 
+    def unread_over(self, limit: int) -> bool:
+        """Whether the unread window holds more than ``limit`` bytes of UTF-8 (a character takes 1 to 4)."""
+        chars = len(self.text) - self.pos
+        if chars > limit or chars * 4 <= limit:
+            return chars > limit
+        return len(self.text[self.pos:].encode("utf-8")) > limit
 
-def _jsonl_records(stream: _TextStream) -> Iterator[tuple[int, object]]:
-    """Yield (line, record) per non-blank line; a line that is not JSON yields a _RecordError so it can be skipped."""
+    def _skip_line(self) -> int:
+        """Move past the rest of the current line, keeping none of it; its size in bytes (without the newline)."""
+        size = 0
+        while True:
+            end = self.text.find("\n", self.pos)
+            stop = len(self.text) if end < 0 else end
+            size += len(self.text[self.pos:stop].encode("utf-8"))
+            if end >= 0:
+                self.pos = end + 1
+                return size
+            self.pos = stop
+            if not self.more():
+                return size
+
+
+def _jsonl_records(stream: _TextStream, max_record_bytes: int) -> Iterator[tuple[int, object]]:
+    """Yield (line, record) per non-blank line; a line that is not JSON, nests too deeply or is over the size limit
+    yields a _RecordError so it can be skipped."""
     decode = json.JSONDecoder().decode
     # split on "\n" only: str.splitlines would also break on U+2028 etc., which JSON allows raw inside strings
     stream.pos = 0
     number = stream.line_at(0)
-    while (raw_line := stream.readline()) is not None:
-        if raw_line.strip():
+    while (raw_line := stream.readline(max_record_bytes)) is not None:
+        if isinstance(raw_line, int):
+            yield number, _RecordError(_too_large(f"{raw_line:,}", max_record_bytes))
+        elif raw_line.strip():
             try:
                 yield number, decode(raw_line)
             except json.JSONDecodeError as err:
                 yield number, _RecordError(f"malformed JSON at column {err.colno}: {err.msg}")
+            except RecursionError:
+                yield number, _RecordError(_TOO_DEEP)
         number += 1
 
 
-def _json_array_records(stream: _TextStream) -> Iterator[tuple[int, object]]:
+_TOO_DEEP = (f"JSON nested too deeply to decode (Python's decoder stops near {sys.getrecursionlimit()} levels of "
+             "arrays and objects); flatten the record or remove it")
+
+
+def _json_array_records(stream: _TextStream, max_record_bytes: int) -> Iterator[tuple[int, object]]:
     """Yield (line, record) for each element of a top-level JSON array, decoding element by element from a window
-    over the file, so each record's starting line is known and memory is bounded by the largest record."""
+    over the file, so each record's starting line is known and memory is bounded by the largest record (at most
+    ``max_record_bytes``: a larger record ends the reading, named by its line)."""
     decoder = json.JSONDecoder()
     where = str(stream.path)
 
@@ -295,7 +355,13 @@ def _json_array_records(stream: _TextStream) -> Iterator[tuple[int, object]]:
             while True:
                 try:
                     record, end = decoder.raw_decode(stream.text, stream.pos)
+                except RecursionError:
+                    raise DataError(f"{where}:{stream.line_at(stream.pos)}: {_TOO_DEEP}") from None
                 except json.JSONDecodeError as err:
+                    if stream.unread_over(max_record_bytes):
+                        size = f"more than {max_record_bytes:,}"
+                        raise DataError(f"{where}:{stream.line_at(stream.pos)}: {_too_large(size, max_record_bytes)}; "
+                                        "inside a .json array it cannot be skipped") from None
                     if stream.more():
                         continue  # the record may run on into the next chunk
                     # the decoder's own position points at the real defect, which may be lines after the record start
@@ -320,8 +386,12 @@ def _json_array_records(stream: _TextStream) -> Iterator[tuple[int, object]]:
         raise fail(stream.pos, "extra data after the top-level array")
 
 
-def _parquet_records(path: Path) -> Iterator[tuple[int, object]]:
-    """Rows of a parquet file as records, in batches (bounded memory); the row number stands for the line."""
+def _parquet_records(path: Path, max_record_bytes: int) -> Iterator[tuple[int, object]]:
+    """Rows of a parquet file as records, in batches (bounded memory); the row number stands for the line.
+
+    Batches hold 1024 rows, fewer where the rows are large (from the row groups' sizes), so that a batch takes
+    about one record's worth of the size limit; the reader checks each record's size (:func:`_check_size`).
+    """
     import pyarrow.parquet as pq
 
     try:
@@ -330,8 +400,12 @@ def _parquet_records(path: Path) -> Iterator[tuple[int, object]]:
         raise DataError(f"{path}:1: file not found") from None
     except Exception as err:  # pyarrow raises ArrowInvalid & co. for a damaged file
         raise DataError(f"{path}:1: not a readable parquet file: {err}") from None
+    meta = parquet.metadata
+    row_bytes = max((meta.row_group(i).total_byte_size / max(meta.row_group(i).num_rows, 1)
+                     for i in range(meta.num_row_groups)), default=1)
+    batch_size = int(min(1024, max(1, max_record_bytes // max(row_bytes, 1))))
     row = 0
-    for batch in parquet.iter_batches(batch_size=1024):
+    for batch in parquet.iter_batches(batch_size=batch_size):
         for record in batch.to_pylist():
             row += 1
             yield row, record
@@ -366,7 +440,20 @@ def _require(record: object, key: str, fmt: str) -> object:
 def _text(value: object, what: str) -> str:
     if not isinstance(value, str):
         raise _RecordError(f"{what} must be a string, got a JSON {_json_type(value)}")
+    if not value.isascii() and (bad := _SURROGATE.search(value)):
+        # A broken \uXXXX escape: valid JSON, but no Unicode text (no tokenizer can encode it).
+        raise _RecordError(f"{what} holds a lone surrogate U+{ord(bad.group()):04X} at character {bad.start()}, "
+                           "which is not Unicode text (half of a broken \\u escape pair); fix or remove it")
     return value
+
+
+def _check_size(conversation: Conversation, limit: int) -> None:
+    """Refuse a conversation whose texts exceed ``limit`` bytes before anything tokenises it."""
+    size = sum(len(t) if t.isascii() else len(t.encode("utf-8"))
+               for m in conversation for t in (m["content"], m.get("reasoning_content", "")))
+    if size > limit:
+        raise _RecordError(f"record holds {size:,} bytes of text, over the limit of {limit:,} bytes set by "
+                           "--max_record_mb; raise it if such records are meant to be trained, else remove the record")
 
 
 def _optional_text(record: dict, key: str) -> str:

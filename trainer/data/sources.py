@@ -16,7 +16,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from trainer.data.formats import DataError, iter_records
+from trainer.data.formats import DEFAULT_MAX_RECORD_BYTES, DataError, iter_records
 from trainer.data.registry import cache_root, load_registry, resolve_dataset, sha256_of
 
 _WEIGHT = re.compile(r"^(?P<item>.+?):(?P<weight>[0-9]*\.?[0-9]+(?:[eE][-+]?[0-9]+)?)$")
@@ -31,9 +31,10 @@ class RecordStream:
     path: Path | None = None  # a file
     dataset: object = field(default=None, compare=False, hash=False)  # a datasets.Dataset
 
-    def records(self) -> Iterator[tuple[int, object]]:
+    def records(self, max_record_bytes: int = DEFAULT_MAX_RECORD_BYTES) -> Iterator[tuple[int, object]]:
+        """``(line, record)`` of each record; a file's reader bounds a record's size (see ``iter_records``)."""
         if self.path is not None:
-            return iter_records(self.path)
+            return iter_records(self.path, max_record_bytes)
         return _dataset_records(self.dataset)
 
     def fingerprint(self) -> str:
