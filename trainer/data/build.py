@@ -29,6 +29,7 @@ import pyarrow.compute as pc
 from tqdm.auto import tqdm
 from transformers import PreTrainedTokenizerBase
 
+from trainer.data.digests import WrittenFiles
 from trainer.data.encode import ConversationEncoder, encode_batches
 from trainer.data.formats import DEFAULT_MAX_RECORD_BYTES, ConversationReader, DataError, with_system
 from trainer.data.gather import FileRows, MappedStream
@@ -249,9 +250,9 @@ def _held_out(n_conversations: int, val_size: float, seed: int) -> np.ndarray:
 
 
 def _write_examples(path: Path, examples: FileRows, lengths: np.ndarray, index: np.ndarray, packing: bool,
-                    max_length: int, seed: int) -> PackingStats | None:
+                    max_length: int, seed: int, written: WrittenFiles) -> PackingStats | None:
     """Write the examples at ``index`` of the examples file (``lengths``: of all its examples) to an Arrow file:
-    packed into rows, or as they are."""
+    packed into rows, or as they are; its size and digest go into ``written``."""
     lengths = lengths[index]
     if packing:
         rows = [[int(index[i]) for i in row] for row in row_order(lengths.tolist(), max_length, seed)]
@@ -259,7 +260,7 @@ def _write_examples(path: Path, examples: FileRows, lengths: np.ndarray, index: 
     else:
         batches = (b for i in range(0, len(index), 4096) for b in examples.take(index[i : i + 4096]).to_batches())
         schema = UNPACKED_SCHEMA
-    with pa.OSFile(str(path), "wb") as sink, pa.ipc.new_stream(sink, schema) as writer:
+    with written.binary(path) as raw, pa.PythonFile(raw, mode="w") as sink, pa.ipc.new_stream(sink, schema) as writer:
         for batch in batches:
             writer.write_batch(batch)
     if not packing:
@@ -279,8 +280,11 @@ def build_prepared(
     num_proc: int = 1,
     show_progress: bool = True,
     progress: Progress | None = None,
+    written: WrittenFiles | None = None,
 ) -> DataReport:
-    """Fill ``folder`` with ``train.arrow``, ``eval*.arrow`` and ``report.json``; returns the report."""
+    """Fill ``folder`` with ``train.arrow``, ``eval*.arrow`` and ``report.json``; returns the report. Each file's
+    size and sha256, computed as it is written, go into ``written``."""
+    written = written if written is not None else WrittenFiles()
     sources = train_sources + eval_sources
     encoder = ConversationEncoder(tokenizer, template, options.template_kwargs, options.max_length)
     examples_path = folder / "examples.arrow"
@@ -329,7 +333,7 @@ def build_prepared(
         mixing = {"by": options.mix_by, "summary": f"by {options.mix_by}: " + ", ".join(parts)}
 
     stats_packing = _write_examples(folder / "train.arrow", examples, lengths, train_index, options.packing,
-                                    options.max_length, options.seed)
+                                    options.max_length, options.seed, written)
     eval_sets = {}
     present = [int(i) for i in np.unique(source[eval_index])]
     keys = _unique_keys([sources[i] for i in present])
@@ -338,9 +342,9 @@ def build_prepared(
         eval_sets[name] = eval_index[source[eval_index] == i]
     for name, index in eval_sets.items():
         _write_examples(folder / f"{name}.arrow", examples, lengths, index, options.packing, options.max_length,
-                        options.seed)
+                        options.seed, written)
     if len(eval_index):
-        _write_eval_conversations(folder / EVAL_CONVERSATIONS, sources, len(train_sources), held, options)
+        _write_eval_conversations(folder / EVAL_CONVERSATIONS, sources, len(train_sources), held, options, written)
     report = DataReport(
         files=stats.files, skipped_records=stats.skipped, skipped_count=stats.skipped_count,
         conversations=stats.conversations, train_examples=len(train_index), eval_examples=len(eval_index),
@@ -355,16 +359,17 @@ def build_prepared(
     if stats_packing is not None:
         report.packing = {"summary": str(stats_packing), "efficiency": stats_packing.efficiency,
                           "rows": stats_packing.rows, "examples_per_row": stats_packing.examples_per_row}
-    (folder / "report.json").write_text(json.dumps(asdict(report), ensure_ascii=False, indent=2), encoding="utf-8")
+    with written.text(folder / "report.json") as out:
+        out.write(json.dumps(asdict(report), ensure_ascii=False, indent=2))
     return report
 
 
 def _write_eval_conversations(path: Path, sources: list[Source], train_sources: int, held: np.ndarray,
-                              options: DataOptions) -> None:
+                              options: DataOptions, written: WrittenFiles) -> None:
     """The evaluation conversations as messages (for generation-based evaluation), from a second pass over the
     sources: cheap next to tokenising, and it keeps the first pass free of anything but what training needs."""
     index = 0
-    with path.open("w", encoding="utf-8") as out:
+    with written.text(path) as out:
         for source_index, source in enumerate(sources):
             is_train = source_index < train_sources
             for stream in source.streams:
