@@ -254,3 +254,47 @@ def test_damaged_prepared_data_is_rebuilt_with_a_message_never_trained(case, tok
     assert f"prepared data {folder}: {named}" in err and "rebuilding it" in err, err
     assert (again.train.to_dict(), again.eval.to_dict()) == expected
     assert _prepare(tokenizer, str(data), tmp_path / "root", packing=True, val_size=4).built_here is False
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o027])
+def test_prepared_data_takes_the_umasks_modes(umask, tokenizer, tmp_path, tang_records):
+    """A team-shared --prepared_data_dir: its folders were 0700 (mkdtemp) whatever the umask, and a second user got
+    PermissionError. Under umask 022 all is 0755 / 0644; under 027, 0750 / 0640: the umask decides, not us."""
+    import os
+    import stat
+
+    data = _jsonl(tmp_path / "d.jsonl", tang_records[:20])
+    old = os.umask(umask)
+    try:
+        prepared = _prepare(tokenizer, str(data), tmp_path / "shared", val_size=2)
+    finally:
+        os.umask(old)
+    found = [prepared.folder, *(tmp_path / "shared").rglob("*")]
+    assert len(found) > 6
+    wrong = [f"{p} {stat.filemode(p.stat().st_mode)}" for p in found
+             if stat.S_IMODE(p.stat().st_mode) != (0o777 if p.is_dir() else 0o666) & ~umask]
+    assert not wrong, wrong
+
+
+def test_damaged_prepared_data_this_user_cannot_replace_is_refused_in_one_sentence(tokenizer, tmp_path,
+                                                                                   tang_records, monkeypatch):
+    import gc
+
+    from trainer.data import prepared as prepared_module
+    from trainer.data.prepared import PreparedDataError
+
+    data = _jsonl(tmp_path / "d.jsonl", tang_records[:20])
+    first = _prepare(tokenizer, str(data), tmp_path / "shared")
+    folder = first.folder
+    del first
+    gc.collect()
+    _truncate(folder / "train.arrow", 10)
+    monkeypatch.setattr(prepared_module.os, "access", lambda path, mode: False)  # a teammate's read-only folder
+    with pytest.raises(PreparedDataError) as caught:
+        _prepare(tokenizer, str(data), tmp_path / "shared")
+    message = str(caught.value)
+    assert message.startswith(f"--prepared_data_dir {tmp_path / 'shared'}: {folder.name} is damaged (train.arrow "
+                              "has 10 bytes where "), message
+    assert message.endswith(" were written) and this user cannot write there; ask its owner to run "
+                            "trainer/prepare.py with the same options, or pass a folder you can write to"), message
+    assert (folder / "train.arrow").stat().st_size == 10  # left as it was, and not trained on
