@@ -105,7 +105,7 @@ class DataArguments:
     max_record_mb: float = field(
         default=DEFAULT_MAX_RECORD_MB,
         metadata={"help": "Largest record read, in MiB: a bigger one is a bad record (file:line and size named; "
-                  "see --on_bad_record), refused before it is read whole or tokenised (tokenising takes ~100-200x "
+                  "see --on_bad_record), refused before it is read whole or tokenised (tokenising takes ~75-200x "
                   "a record's size in memory). The default holds a million-token conversation."},
     )
     packing: bool = field(

@@ -23,9 +23,10 @@ Conversation = list[Message]
 FORMATS = ("alpaca", "messages", "sharegpt", "alternating")
 ON_BAD_RECORD = ("error", "skip")
 EXTENSIONS = (".json", ".jsonl", ".parquet")
-# Largest record read, in bytes (``--max_record_mb``): tokenising one record takes ~100-200x its size in memory
-# (8 MiB of text: 0.9 GB with a small byte-level BPE), so a stray multi-megabyte blob must be refused, not encoded.
-# 8 MiB holds a million-token conversation; anything larger is truncated to --max_length anyway.
+# Largest record read, in bytes (``--max_record_mb``): tokenising one record takes ~75x its size in memory with a
+# small byte-level BPE, more with larger ones (8 MiB of text: 0.6 GB; one 68 MB record once took 13.5 GB), so a
+# stray multi-megabyte blob must be refused, not encoded (``bench/data_guards.py``). 8 MiB holds a million-token
+# conversation; anything larger is truncated to --max_length anyway.
 DEFAULT_MAX_RECORD_MB = 8.0
 DEFAULT_MAX_RECORD_BYTES = int(DEFAULT_MAX_RECORD_MB * 2**20)
 
@@ -186,7 +187,7 @@ def iter_records(path: str | Path, max_record_bytes: int = DEFAULT_MAX_RECORD_BY
 def _too_large(size: str, limit: int) -> str:
     """The reason given for a record over the size limit; ``size`` says how large it is."""
     return (f"record of {size} bytes is over the limit of {limit:,} bytes set by --max_record_mb; raise it if such "
-            "records are meant to be trained (tokenising one takes ~100-200x its size in memory), else remove the "
+            "records are meant to be trained (tokenising one takes ~75-200x its size in memory), else remove the "
             "record")
 
 
