@@ -232,7 +232,7 @@ DAMAGE = {
 
 @pytest.mark.parametrize("case", list(DAMAGE))
 def test_damaged_prepared_data_is_rebuilt_with_a_message_never_trained(case, tokenizer, tmp_path, tang_records,
-                                                                      capsys):
+                                                                      caplog):
     """Zeroed bytes in train.arrow once trained a quarter of the rows on labels 0 (exit 0); random bytes gave an
     IndexError mid-training; a truncated or empty file or a broken manifest, raw tracebacks. Each is now found
     before use and the folder rebuilt, with a message naming the file."""
@@ -247,9 +247,9 @@ def test_damaged_prepared_data_is_rebuilt_with_a_message_never_trained(case, tok
     time.sleep(0.05)  # filesystems stamp change times in ticks of a few milliseconds
     damage, named = DAMAGE[case]
     damage(folder)
-    capsys.readouterr()
+    caplog.clear()
     again = _prepare(tokenizer, str(data), tmp_path / "root", packing=True, val_size=4)
-    err = capsys.readouterr().err
+    err = caplog.text
     assert again.built_here and again.folder == folder
     assert f"prepared data {folder}: {named}" in err and "rebuilding it" in err, err
     assert (again.train.to_dict(), again.eval.to_dict()) == expected

@@ -31,7 +31,6 @@ import hashlib
 import json
 import logging
 import os
-import sys
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -171,10 +170,8 @@ def prepare_data(
 
     target = root / key
     problem = check_prepared(target) if target.exists() else None
-    if problem:
-        message = f"prepared data {target}: {problem}; rebuilding it"
-        logger.warning("%s", message)
-        print(f"[rank{os.environ.get('RANK', '0')}] {message}", file=sys.stderr, flush=True)
+    if problem:  # a warning: every rank says it (each found the fault; one rebuilds, the others wait for it)
+        logger.warning("prepared data %s: %s; rebuilding it", target, problem)
     _check_writable(root, target, problem)
     try:
         folder, built_here = build_once(target, build, is_complete, what="the prepared data")
