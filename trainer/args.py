@@ -306,8 +306,7 @@ def parse_config(argv: list[str] | None = None, prog: str = "trainer/sft.py") ->
     elif not ({"help", "model_name_or_path", "dataset"} & cli or any(a in ("-h", "--help") for a in argv)):
         recipe = DEFAULT_RECIPE  # the demo, when nothing says what to train on
     known = {f.name for cls in ARGUMENT_CLASSES for f in fields(cls) if f.init}
-    recipe_values = _read_recipe(recipe, known) if recipe is not None else {}
-    recipe_values = check_recipe_values(recipe, recipe_values, parser) if recipe is not None else {}
+    recipe_values = check_recipe_values(recipe, _read_recipe(recipe, known), parser) if recipe is not None else {}
     parser.set_defaults(**recipe_values)
     _check_deepspeed_file(argv, recipe_values.get("deepspeed"))
     try:

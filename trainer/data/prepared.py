@@ -16,7 +16,8 @@ same folder on every node and in every later run — ``python trainer/prepare.py
 Before use, every process proves the folder is what was written (:func:`check_prepared`): the manifest parses and
 matches its own digest, every file it lists has its size (always: one ``stat`` each), and its sha256. The digests
 are remembered by file identity (device, inode, size, modification and change time; :mod:`trainer.data.digests`):
-the builder records those it computed while writing, and any other cache hashes each file once, then again only
+the builder records those it computed while writing, and any other cache hashes each file once (every process
+that checks before one has remembered it: the ranks of a node starting together each read it), then again only
 when something has touched it (any write moves its change time). So the check costs a few ``stat`` calls per start
 (0.07 ms) and one full read per file and cache — 0.25 s for a 403 MB train.arrow on a 2-core machine, ~6 s for the
 9.2 GB of a million conversations, next to 989 s to prepare them (``bench/data_guards.py``) — instead of trusting
