@@ -158,9 +158,10 @@ def test_recipe_values_of_the_right_kind_pass_as_yaml_wrote_them(tmp_path):
 
     recipe = tmp_path / "ok.yaml"
     recipe.write_text(yaml.safe_dump({"max_length": 64.0, "learning_rate": 1, "report_to": ["none"],
-                                      "lr_scheduler_type": "cosine", "bf16": False, "max_samples": None,
+                                      "lr_scheduler_type": "cosine", "packing": 1, "max_samples": None,
                                       "swanlab": {"project": "p"}}))
     cfg = parse_config([str(recipe)])
     assert cfg.data.max_length == 64 and isinstance(cfg.data.max_length, int)
     assert cfg.training.learning_rate == 1.0 and cfg.training.report_to == []  # transformers: "none" is no tracker
     assert cfg.training.lr_scheduler_type == "cosine" and cfg.tracking.swanlab_project == "p"
+    assert cfg.data.packing is True

@@ -64,6 +64,8 @@ def _checked(recipe: Path, key: str, value: Any, action: argparse.Action) -> Any
             raise ConfigError(f"{recipe}: {key}: {value!r} is not {kind}")
         return float(value)
     if getattr(convert, "__name__", "") == "string_to_bool" and not isinstance(value, bool):
+        if isinstance(value, int) and value in (0, 1):
+            return bool(value)
         raise ConfigError(f"{recipe}: {key}: {value!r} is not {kind}")
     if action.choices is not None and str(value) not in [str(c) for c in action.choices]:
         raise ConfigError(f"{recipe}: {key}: {value!r} is not {kind}")
