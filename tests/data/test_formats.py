@@ -384,3 +384,14 @@ def test_the_size_limit_holds_for_json_arrays_and_parquet(tmp_path):
     with pytest.raises(DataError, match=r"d\.parquet:2: record holds 9,437,18\d bytes of text"):
         read_conversations(parquet, max_record_bytes=2 << 20)
     assert len(read_conversations(parquet, max_record_bytes=16 << 20).conversations) == 2
+
+
+def test_a_json_array_defect_is_named_at_once_not_taken_for_a_large_record(tmp_path):
+    """Reading on to find a record's end is for a record cut by the read window; a syntax error is named where it
+    is, even in a file much larger than the record size limit."""
+    path = tmp_path / "d.json"
+    records = [json.dumps({"instruction": f"q{i}", "output": "a" * 50}) for i in range(400)]
+    records[1] = records[1].replace('", "output"', '" "output"')  # a missing comma in the second record
+    path.write_text("[\n" + ",\n".join(records) + "\n]\n", encoding="utf-8")
+    with pytest.raises(DataError, match=r"d\.json:3: malformed JSON: Expecting ',' delimiter"):
+        read_conversations(path, max_record_bytes=1024)

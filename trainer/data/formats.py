@@ -359,12 +359,15 @@ def _json_array_records(stream: _TextStream, max_record_bytes: int) -> Iterator[
                 except RecursionError:
                     raise DataError(f"{where}:{stream.line_at(stream.pos)}: {_TOO_DEEP}") from None
                 except json.JSONDecodeError as err:
-                    if stream.unread_over(max_record_bytes):
+                    # Cut short by the window's end (or inside a long string), the record may run on into the next
+                    # chunk; a defect before that is one whatever follows: named now, without reading on.
+                    cut_short = err.pos >= len(stream.text) - 16 or err.msg.startswith("Unterminated string")
+                    if cut_short and stream.unread_over(max_record_bytes):
                         size = f"more than {max_record_bytes:,}"
                         raise DataError(f"{where}:{stream.line_at(stream.pos)}: {_too_large(size, max_record_bytes)}; "
                                         "inside a .json array it cannot be skipped") from None
-                    if stream.more():
-                        continue  # the record may run on into the next chunk
+                    if cut_short and stream.more():
+                        continue
                     # the decoder's own position points at the real defect, which may be lines after the record start
                     raise fail(err.pos, f"{err.msg} (column {err.colno})") from None
                 if end == len(stream.text) and stream.more():
