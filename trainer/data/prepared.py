@@ -170,8 +170,12 @@ def prepare_data(
         (folder / MANIFEST).write_text(json.dumps(manifest, ensure_ascii=False, indent=2), encoding="utf-8")
 
     target = root / key
-    problem = check_prepared(target) if target.exists() else None
-    if problem:  # a warning: every rank says it (each found the fault; one rebuilds, the others wait for it)
+    problem = None
+    if target.exists():
+        problem = check_prepared(target)
+        if problem is None:
+            return load_prepared(target)
+        # A warning: every rank says it (each found the fault; one rebuilds, the others wait for it).
         logger.warning("prepared data %s: %s; rebuilding it", target, problem)
     _check_writable(root, target, problem)
     try:
@@ -187,8 +191,6 @@ def prepare_data(
 def _check_writable(root: Path, target: Path, problem: str | None) -> None:
     """Refuse at once, in one sentence, where this user would have to build but cannot write (a teammate's
     read-only ``--prepared_data_dir``), instead of a PermissionError from deep inside the build."""
-    if target.exists() and problem is None:
-        return  # complete: only read
     try:
         root.mkdir(parents=True, exist_ok=True)
     except OSError as error:
