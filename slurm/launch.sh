@@ -57,6 +57,26 @@ set -euo pipefail
 
 log() { echo "[launch.sh $(date '+%F %T')] $*" >&2; }
 die() { log "error: $*"; exit 1; }
+# Arguments as the job log shows them, shell-quoted: the value of a secret-named option (--hub_token, --*_api_key,
+# --*secret*, --*password*) never reaches the log file.
+shown_args() {
+    local arg hide=""
+    for arg in "$@"; do
+        if [ -n "$hide" ]; then
+            printf '%s ' '<redacted>'
+            hide=""
+            continue
+        fi
+        case "$arg" in
+            --token=* | --*_token=* | --*api_key=* | --*apikey=* | --*secret*=* | --*password*=* | --*passwd*=*)
+                printf '%q=<redacted> ' "${arg%%=*}" ;;
+            --token | --*_token | --*api_key | --*apikey | --*secret* | --*password* | --*passwd*)
+                printf '%q ' "$arg"
+                hide=1 ;;
+            *) printf '%q ' "$arg" ;;
+        esac
+    done
+}
 
 [ -n "${SLURM_JOB_ID:-}" ] || die "not inside a Slurm allocation: submit with sbatch (or run under salloc)"
 
@@ -155,7 +175,7 @@ read -r -a EXTRA <<<"${SRUN_EXTRA_ARGS:-}"
 
 log "job ${SLURM_JOB_ID} (${SLURM_JOB_NAME:-}) restart ${RESTARTS}: ${NNODES} node(s) [${HOSTS[*]}] x ${PROCS_PER_NODE} process(es)," \
     "GPUs/node ${NGPUS}, main ${MAIN_ADDR}:${MAIN_PORT}, config '${ACCELERATE_CONFIG}', OMP_NUM_THREADS=${OMP_NUM_THREADS}"
-log "trainer: $(printf '%q ' "$SFT_ENTRY" "${TRAIN_ARGS[@]}")"
+log "trainer: $(shown_args "$SFT_ENTRY" "${TRAIN_ARGS[@]}")"
 
 # --- Run, forwarding preemption signals ------------------------------------------------------------
 SIGNALLED=""

@@ -35,6 +35,8 @@ BAD_DATA = {
     "ends on the user": ("d.jsonl", jsonl({"messages": ["q", "a", "q2"]}), "d.jsonl:1:"),
     "not utf-8": ("d.jsonl", jsonl(GOOD).encode() + b'{"instruction": "\xff\xfe", "output": "x"}\n', "d.jsonl:2:"),
     "empty file": ("d.jsonl", "", "d.jsonl"),
+    "lone surrogate": ("d.jsonl", jsonl(GOOD, '{"instruction": "\\ud800", "output": "x"}'), "d.jsonl:2: field"),
+    "nested 100,000 deep": ("d.json", "[\n" + "[" * 100_000 + "]" * 100_000 + "\n]", "d.json:2: JSON nested"),
 }
 
 
@@ -60,6 +62,15 @@ def test_skip_lists_every_bad_record_in_the_report(tmp_path, tang_slice):
     report = json.loads((out / "data_report.json").read_text())
     assert [(s["line"], s["index"]) for s in report["skipped_records"]] == [(2, 1), (4, 3)]
     assert report["train_examples"] == 3
+
+
+def test_a_record_over_max_record_mb_is_named_with_its_size(tmp_path, capsys):
+    path = tmp_path / "d.jsonl"
+    path.write_text(jsonl(GOOD, {"instruction": "q", "output": "x" * 2000}), encoding="utf-8")
+    code = sft.main(["--dataset", str(path), "--max_record_mb", "0.001", "--output_dir", str(tmp_path / "out"),
+                     "--report_to", "none"])
+    err = capsys.readouterr().err
+    assert code == 2 and f"error: {path}:2: record of 2,034 bytes is over the limit of 1,048 bytes" in err, err
 
 
 def test_overlong_examples_are_counted(tmp_path, tiny_model_dir):
@@ -91,6 +102,13 @@ BAD_CONFIG = {
     "resume path without checkpoint": (["--resume_from_checkpoint", "{tmp}"], "no checkpoint there"),
     "flash attention absent": (["--attn_implementation", "flash_attention_2"], "flash_attn"),
     "bad recipe key": (["{recipe}"], "unknown option(s) learnign_rate"),
+    # Named by the recipe file and key, not as a command-line argument (argparse's "argument --learning_rate:").
+    "bad recipe value": (["{recipe_value}"], "value.yaml: learning_rate: 'abc' is not a number"),
+    "bad recipe number": (["{recipe_int}"], "int.yaml: max_length: 1.5 is not a whole number"),
+    "bad recipe choice": (["{recipe_choice}"], "choice.yaml: finetuning_type 'foo': expected one of full, lora"),
+    "bad recipe choice of transformers": (["{recipe_enum}"], "enum.yaml: lr_scheduler_type: 'cosin' is not one of"),
+    "invalid deepspeed json": (["--deepspeed", "{ds}"], "ds.json:2:35: --deepspeed: not valid JSON: Expecting"),
+    "invalid deepspeed json in a recipe": (["{recipe_ds}"], "ds.json:2:35: --deepspeed: not valid JSON"),
 }
 
 
@@ -98,10 +116,19 @@ BAD_CONFIG = {
 def test_bad_configuration_is_explained(case, tmp_path, tang_slice, capsys):
     recipe = tmp_path / "bad.yaml"
     recipe.write_text(yaml.safe_dump({"learnign_rate": 1}))
-    fill = {"{copies}": str(_tampered_copy(tmp_path)), "{tmp}": str(tmp_path), "{recipe}": str(recipe)}
+    ds = tmp_path / "ds.json"
+    ds.write_text('{"train_batch_size": "auto",\n "zero_optimization": {"stage": 2,}\n}')
+    fill = {"{copies}": str(_tampered_copy(tmp_path)), "{tmp}": str(tmp_path), "{recipe}": str(recipe),
+            "{ds}": str(ds)}
+    for name, values in (("value", {"learning_rate": "abc"}), ("int", {"max_length": 1.5}),
+                         ("choice", {"finetuning_type": "foo"}), ("enum", {"lr_scheduler_type": "cosin"}),
+                         ("ds", {"deepspeed": str(ds)})):
+        path = tmp_path / f"{name}.yaml"
+        path.write_text(yaml.safe_dump({"dataset": str(tang_slice), **values}))
+        fill[f"{{recipe_{name}}}"] = str(path)
     argv, expected = BAD_CONFIG[case]
     argv = [fill.get(a, a) for a in argv]
-    defaults = [] if argv[0] == str(recipe) else ["--dataset", str(tang_slice)]
+    defaults = [] if argv[0].endswith(".yaml") else ["--dataset", str(tang_slice)]
     code = sft.main([*argv, *([] if "--dataset" in argv else defaults), "--output_dir", str(tmp_path / "out"),
                      "--report_to", "none", "--sample_prompts", "none"])
     err = capsys.readouterr().err
@@ -116,3 +143,25 @@ def test_exit_code_of_the_real_process(tmp_path):
     assert result.returncode == 2
     assert f"{path}:2:" in result.stderr
     assert "Traceback" not in result.stderr
+
+
+def test_deepspeed_json_given_to_the_launcher_is_checked_too(tmp_path, monkeypatch, capsys):
+    ds = tmp_path / "ds.json"
+    ds.write_text('{"zero_optimization": {"stage": 2}\n "bf16": true}')
+    monkeypatch.setenv("ACCELERATE_DEEPSPEED_CONFIG_FILE", str(ds))  # what `accelerate launch` passes its process
+    assert sft.main(["--dataset", "x.jsonl", "--output_dir", str(tmp_path / "out")]) == 2
+    assert f"error: {ds}:2:2: accelerate launch --deepspeed_config_file: not valid JSON" in capsys.readouterr().err
+
+
+def test_recipe_values_of_the_right_kind_pass_as_yaml_wrote_them(tmp_path):
+    from trainer.args import parse_config
+
+    recipe = tmp_path / "ok.yaml"
+    recipe.write_text(yaml.safe_dump({"max_length": 64.0, "learning_rate": 1, "report_to": ["none"],
+                                      "lr_scheduler_type": "cosine", "packing": 1, "max_samples": None,
+                                      "swanlab": {"project": "p"}}))
+    cfg = parse_config([str(recipe)])
+    assert cfg.data.max_length == 64 and isinstance(cfg.data.max_length, int)
+    assert cfg.training.learning_rate == 1.0 and cfg.training.report_to == []  # transformers: "none" is no tracker
+    assert cfg.training.lr_scheduler_type == "cosine" and cfg.tracking.swanlab_project == "p"
+    assert cfg.data.packing is True

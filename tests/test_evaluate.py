@@ -89,6 +89,8 @@ def test_references_files_one_per_line_or_in_blocks(tmp_path):
     assert read_references(blocks, 2) == ["first line\nsecond line", "other poem"]
     with pytest.raises(DataError, match="2 lines for 3 prompts"):
         read_references(lines, 3)
+    with pytest.raises(DataError, match=r"lines\.txt:1: 6 bytes for 2 reference\(s\), more than 2 bytes each"):
+        read_references(lines, 2, max_record_bytes=2)  # refused before it is read whole
 
 
 def test_bad_arguments_fail_before_any_model_is_loaded(tmp_path, capsys):

@@ -49,6 +49,25 @@ def test_scrub_removes_secrets_but_keeps_token_counts():
     assert clean["training"]["push_to_hub"] is False
 
 
+def test_a_runs_secrets_come_from_recipes_flags_and_the_environment(tmp_path, monkeypatch):
+    """hub_token from a recipe is as secret as from a flag; an environment variable named like a token is too (not
+    TOKENIZERS_PARALLELISM); training_args.bin gets the arguments without them, the rest kept."""
+    from trainer.args import parse_config
+    from trainer.run_config import run_secrets, training_args_without_secrets
+
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(yaml.safe_dump({"hub_token": "hf_fromTheRecipe123", "run_name": "run hf_fromTheRecipe123"}))
+    monkeypatch.setenv("GITLAB_API_KEY", "glpat-fromTheEnvironment")
+    monkeypatch.setenv("TOKENIZERS_PARALLELISM", "false_but_long")
+    cfg = parse_config([str(recipe), "--dataset", "x.jsonl"])
+    secrets = run_secrets(cfg)
+    assert {"hf_fromTheRecipe123", "glpat-fromTheEnvironment"} <= set(secrets)
+    assert "false_but_long" not in secrets
+    clean = training_args_without_secrets(cfg.training)
+    assert clean.hub_token is None and clean.run_name == f"run {REDACTED}" and clean.output_dir == "outputs/run"
+    assert cfg.training.hub_token == "hf_fromTheRecipe123"  # the run itself keeps it (push_to_hub needs it)
+
+
 # ---------------------------------------------------------------- end to end
 
 

@@ -7,6 +7,7 @@ SwanLab options under a ``swanlab:`` section (``swanlab: {project: p}`` is ``--s
 
 from __future__ import annotations
 
+import os
 import sys
 from dataclasses import dataclass, field, fields
 from pathlib import Path
@@ -15,7 +16,8 @@ import torch
 import yaml
 from transformers import HfArgumentParser, TrainingArguments
 
-from trainer.errors import UserError
+from trainer.config_files import ConfigError, check_json_file, check_recipe_values, option_name
+from trainer.data.formats import DEFAULT_MAX_RECORD_MB
 from trainer.metrics import resolve_metric_names
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -107,6 +109,12 @@ class DataArguments:
     on_bad_record: str = field(
         default="error",
         metadata={"help": "error: stop at the first bad record (file:line named) | skip: skip and list in report."},
+    )
+    max_record_mb: float = field(
+        default=DEFAULT_MAX_RECORD_MB,
+        metadata={"help": "Largest record read, in MiB: a bigger one is a bad record (file:line and size named; "
+                  "see --on_bad_record), refused before it is read whole or tokenised (tokenising takes ~75-200x "
+                  "a record's size in memory). The default holds a million-token conversation."},
     )
     packing: bool = field(
         default=False,
@@ -257,10 +265,6 @@ class Config:
     sources: dict[str, str] = field(default_factory=dict)
 
 
-class ConfigError(UserError, ValueError):
-    """A recipe or flag combination that cannot run; the message says what to change."""
-
-
 def _read_recipe(path: Path, known: set[str]) -> dict:
     try:
         loaded = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
@@ -320,7 +324,7 @@ def parse_config(argv: list[str] | None = None, prog: str = "trainer/sft.py") ->
     elif not ({"help", "model_name_or_path", "dataset"} & cli or any(a in ("-h", "--help") for a in argv)):
         recipe = DEFAULT_RECIPE  # the demo, when nothing says what to train on
     known = {f.name for cls in ARGUMENT_CLASSES for f in fields(cls) if f.init}
-    recipe_values = _read_recipe(recipe, known) if recipe is not None else {}
+    recipe_values = check_recipe_values(recipe, _read_recipe(recipe, known), parser) if recipe is not None else {}
     parser.set_defaults(**recipe_values)
     _check_deepspeed_file(argv, recipe_values.get("deepspeed"))
     try:
@@ -332,9 +336,9 @@ def parse_config(argv: list[str] | None = None, prog: str = "trainer/sft.py") ->
     extra = [a for a in extra if not a.startswith("--local_rank") and not a.startswith("--local-rank")]
     if extra:
         raise ConfigError(f"unrecognised argument(s): {' '.join(extra)}; see --help")
-    _check_choices(model, data, finetune, tracking)
     sources = {name: "command line" for name in cli}
     sources.update({name: f"recipe {recipe}" for name in recipe_values if name not in cli})
+    _check_choices(model, data, finetune, tracking, sources)
     return Config(model, data, finetune, tracking, training, recipe, sources)
 
 
@@ -349,9 +353,15 @@ def _check_deepspeed_file(argv: list[str], from_recipe: str | None) -> None:
     if isinstance(value, str) and value.endswith(".json") and not Path(value).is_file():
         shipped = ", ".join(sorted(str(p.relative_to(REPO_ROOT)) for p in (REPO_ROOT / "ds_configs").glob("*.json")))
         raise ConfigError(f"--deepspeed {value}: file not found; the shipped configs are {shipped}")
+    if isinstance(value, str) and value.endswith(".json"):
+        check_json_file(value, "--deepspeed")
+    launched_with = os.environ.get("ACCELERATE_DEEPSPEED_CONFIG_FILE", "")  # accelerate launch --deepspeed_config_file
+    if launched_with.endswith(".json") and Path(launched_with).is_file():
+        check_json_file(launched_with, "accelerate launch --deepspeed_config_file")
 
 
-def _check_choices(model: ModelArguments, data: DataArguments, finetune: FinetuneArguments, tracking) -> None:
+def _check_choices(model: ModelArguments, data: DataArguments, finetune: FinetuneArguments, tracking,
+                   sources: dict[str, str]) -> None:
     choices = {
         "--finetuning_type": (finetune.finetuning_type, ("full", "lora", "qlora")),
         "--on_overlong": (data.on_overlong, ("truncate", "drop")),
@@ -368,9 +378,11 @@ def _check_choices(model: ModelArguments, data: DataArguments, finetune: Finetun
     }
     for flag, (value, allowed) in choices.items():
         if value not in allowed:
-            raise ConfigError(f"{flag} {value!r}: expected one of {', '.join(allowed)}")
+            raise ConfigError(f"{option_name(flag, sources)} {value!r}: expected one of {', '.join(allowed)}")
     if data.max_length < 2:
         raise ConfigError(f"--max_length {data.max_length}: must be at least 2")
+    if not data.max_record_mb > 0:
+        raise ConfigError(f"--max_record_mb {data.max_record_mb}: a size in MiB, more than 0")
     if data.preview < 0:
         raise ConfigError(f"--preview {data.preview}: a number of examples, 0 or more")
     try:

@@ -20,12 +20,12 @@ if __package__ in (None, ""):  # run as a script: import the package from the re
 import argparse
 import logging
 import shutil
-import tempfile
 
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from trainer.errors import UserError
+from trainer.file_modes import readable_weights, staging_dir
 from trainer.inference import is_adapter, is_model, load_for_inference
 
 logger = logging.getLogger("merge")
@@ -94,9 +94,12 @@ def merge_adapter(
     # Written beside the target and renamed into place: an interrupted merge never leaves a half-written model,
     # and --force never mixes old shards with new ones.
     output.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{output.name}.", dir=output.parent))
+    # The staging folder and the weights take the umask's modes (mkdtemp's 0700 and safetensors' 0600 would leave a
+    # merged model that only its maker can load).
+    staging = staging_dir(output.parent, f".{output.name}.")
     try:
         merged.save_pretrained(staging, max_shard_size=max_shard_size)
+        readable_weights(staging)
         tokenizer.save_pretrained(staging)
         if output.exists():
             shutil.rmtree(output)

@@ -4,8 +4,9 @@ Used for what every rank of a job needs but only one should make — the prepare
 on one machine or across nodes sharing a filesystem. Nothing here is a collective: a long preparation cannot hit an
 NCCL/gloo timeout, and a process that dies while building lets the next one take over.
 
-- The builder holds an exclusive ``flock`` on ``<target>.lock`` and builds into a private temporary folder beside the
-  target, which it renames into place only once :func:`build_once`'s ``is_complete`` accepts it. Readers therefore
+- The builder holds an exclusive ``flock`` on ``<target>.lock`` and builds into a temporary folder beside the
+  target (created with the umask's mode, like the files in it, so that other users of a shared filesystem can read
+  it), which it renames into place only once :func:`build_once`'s ``is_complete`` accepts it. Readers therefore
   see a complete folder or none; a half-written build is never used, and two builders (a filesystem without locks,
   or two launches at once) cannot corrupt each other: the first rename wins, the other copy is discarded.
 - Waiters poll for the completed folder and print a progress line (what the builder last wrote to
@@ -24,10 +25,11 @@ import os
 import shutil
 import socket
 import sys
-import tempfile
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
+
+from trainer.file_modes import staging_dir
 
 logger = logging.getLogger(__name__)
 
@@ -105,7 +107,7 @@ def build_once(
 
 def _build_into(target: Path, build: Callable[[Path, Progress], None], is_complete: Callable[[Path], bool],
                 progress: Progress, what: str) -> None:
-    tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}.tmp-"))
+    tmp = staging_dir(target.parent, f".{target.name}.tmp-")  # the umask's mode: the team reads what is built
     try:
         build(tmp, progress)
         if not is_complete(tmp):

@@ -57,16 +57,17 @@ def data_options(cfg: Config) -> DataOptions:
         max_length=data.max_length, on_overlong=data.on_overlong, on_bad_record=data.on_bad_record,
         val_size=data.val_size, max_samples=data.max_samples, system=data.system, packing=data.packing,
         seed=cfg.training.seed, mix_by=data.mix_by, template_kwargs=template_kwargs(cfg),
-        missing_reasoning=data.missing_reasoning,
+        missing_reasoning=data.missing_reasoning, max_record_bytes=int(data.max_record_mb * 2**20),
     )
 
 
-def _texts(sources: list[Source], max_samples: int | None) -> Iterator[str]:
+def _texts(sources: list[Source], max_samples: int | None, max_record_bytes: int) -> Iterator[str]:
     """Every text of the training sources (what the built-in model's tokenizer learns from)."""
     seen = 0
     for source in sources:
         for stream in source.streams:
-            for _, item in RecordReader(stream.where, stream.records(), on_bad_record="skip"):
+            records = stream.records(max_record_bytes)
+            for _, item in RecordReader(stream.where, records, "skip", max_record_bytes=max_record_bytes):
                 if max_samples is not None and seen >= max_samples:
                     return
                 seen += 1
@@ -88,7 +89,8 @@ def setup_data(cfg: Config) -> DataSetup:
     eval_sources = resolve_sources(data.eval_dataset, "train", data.data_dir) if data.eval_dataset else []
     model_path = cfg.model.model_name_or_path
     if is_builtin(model_path):
-        model_path = str(build_tiny_model(model_path, _texts(train_sources, data.max_samples),
+        texts = _texts(train_sources, data.max_samples, int(data.max_record_mb * 2**20))
+        model_path = str(build_tiny_model(model_path, texts,
                                           key=_sources_key(train_sources, data.max_samples)))
     tokenizer = load_tokenizer(model_path, cfg.model.trust_remote_code)
     added = add_special_tokens(tokenizer, cfg.model.add_special_tokens.split(",")) \

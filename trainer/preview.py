@@ -52,7 +52,8 @@ def _examples(setup: DataSetup) -> Iterator[tuple[str, int, list[int], list[int]
                                   options.missing_reasoning, split_documents=options.on_overlong != "drop")
     for source in setup.train_sources:
         for part in source.streams:
-            reader = RecordReader(part.where, part.records(), options.on_bad_record)
+            reader = RecordReader(part.where, part.records(options.max_record_bytes), options.on_bad_record,
+                                  max_record_bytes=options.max_record_bytes)
             for line, item in reader:
                 encoded = encoder.encode([item_with_system(item, options.system)])
                 for _, message in encoded.errors:

@@ -26,9 +26,11 @@ from trainer.callbacks.nonfinite import NonFiniteGuard
 from trainer.checkpoints import remove_folder
 from trainer.data.templates import IGNORE_INDEX
 from trainer.errors import UserError
+from trainer.file_modes import readable_weights
 from trainer.loss import CHUNKED_MIN_LOGITS, causal_lm_loss, chunked_lm_loss_unsupported
 from trainer.run.decide import barrier
 from trainer.run.disk import disk_full_as_error
+from trainer.run_config import training_args_without_secrets
 
 logger = logging.getLogger("sft")
 
@@ -204,6 +206,17 @@ class SFTTrainer(Trainer):
             "label_tokens_per_second": round(float(counts[1]) / elapsed, 1),
             "peak_memory_gib": round(peak_memory_gib(self.args.device), 3),
         }
+
+    def _save(self, output_dir: str | None = None, state_dict=None) -> None:
+        # Every saved model and checkpoint: training_args.bin pickles the arguments, so it gets them without secrets
+        # (hub_token); safetensors writes weights 0600 whatever the umask, so they get the umask's mode.
+        args, self.args = self.args, training_args_without_secrets(self.args)
+        try:
+            super()._save(output_dir, state_dict)
+        finally:
+            self.args = args
+        if args.should_save:
+            readable_weights(output_dir or args.output_dir)
 
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
         if "loss" in logs:  # a training log line (all ranks log together, so the all-reduce is safe)

@@ -21,6 +21,7 @@ from transformers import AutoConfig, PreTrainedTokenizerFast
 
 from trainer.data.registry import cache_root
 from trainer.data.templates import CHATML
+from trainer.file_modes import readable_weights
 from trainer.once import build_once
 
 BUILTIN_PREFIX = "builtin:"
@@ -124,6 +125,7 @@ def build_tiny_model(name: str, texts: Iterable[str], seed: int = 0, key: str | 
         model.config.to_json_file(tmp / "config.json")
         model.generation_config.to_json_file(tmp / "generation_config.json")
         save_file(untied_state_dict(model), str(tmp / "model.safetensors"), metadata={"format": "pt"})
+        readable_weights(tmp)  # safetensors writes 0600: other users of a shared cache could not load it
         tokenizer.save_pretrained(tmp)
 
     with torch.random.fork_rng(devices=[]):  # building must not move the run's random numbers

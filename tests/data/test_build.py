@@ -176,19 +176,131 @@ def test_key_changes_with_what_changes_tokens(tokenizer, tang_slice):
     assert data_key(sources, [], tokenizer, "{{ messages }}", DataOptions(max_length=256))[0] != key
 
 
-def test_file_digest_is_the_content_hash_and_follows_edits(tmp_path, monkeypatch):
+def test_file_digest_follows_an_edit_that_keeps_size_and_modification_time(tmp_path, monkeypatch):
+    """The memo once trusted (path, size, mtime): an edit in place that restored the mtime (cp -p, rsync -t,
+    touch -r) reused the old tokens while --preview showed the new text. The change time gives it away."""
     import hashlib
     import os
+    import time
 
+    from trainer.data import digests
     from trainer.data.sources import file_digest
 
     monkeypatch.setenv("SFT_CACHE_DIR", str(tmp_path / "cache"))
+    monkeypatch.setattr(digests, "SETTLED_S", 0.02)
     data = tmp_path / "data.jsonl"
     data.write_bytes(b'{"a": 1}\n')
     assert file_digest(data) == hashlib.sha256(b'{"a": 1}\n').hexdigest()
+    assert not (tmp_path / "cache" / "digests").exists(), "a file changed this instant was remembered"
+    time.sleep(0.05)
+    assert file_digest(data) == hashlib.sha256(b'{"a": 1}\n').hexdigest()
     assert list((tmp_path / "cache" / "digests").iterdir()), "the digest was not remembered"
-    assert file_digest(data) == hashlib.sha256(b'{"a": 1}\n').hexdigest()  # from the memo
-    data.write_bytes(b'{"a": 2}\n')  # same size: the modification time tells the edit apart
-    stat = data.stat()
-    os.utime(data, ns=(stat.st_atime_ns, stat.st_mtime_ns + 1_000_000))
+    before = data.stat()
+    with open(data, "r+b") as f:  # in place, as cp -p writes over an existing file
+        f.write(b'{"a": 2}\n')
+    os.utime(data, ns=(before.st_atime_ns, before.st_mtime_ns))  # ... and puts the old time back
+    after = data.stat()
+    assert (after.st_ino, after.st_size, after.st_mtime_ns) == (before.st_ino, before.st_size, before.st_mtime_ns)
     assert file_digest(data) == hashlib.sha256(b'{"a": 2}\n').hexdigest()
+
+
+def _overwrite(path: Path, offset: int, data: bytes) -> None:
+    """Write ``data`` at ``offset`` in place and put the modification time back, as a careless copy would."""
+    import os
+
+    stat = path.stat()
+    with open(path, "r+b") as f:
+        f.seek(offset)
+        f.write(data)
+    os.utime(path, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+
+
+def _truncate(path: Path, size: int) -> None:
+    with open(path, "r+b") as f:
+        f.truncate(size)
+
+
+# damage → what the rebuild message names
+DAMAGE = {
+    "zeroed bytes": (lambda d: _overwrite(d / "train.arrow", (d / "train.arrow").stat().st_size // 2, bytes(4096)),
+                     "train.arrow does not hold the bytes written"),
+    "random bytes": (lambda d: _overwrite(d / "eval.arrow", 200, __import__("os").urandom(64)),
+                     "eval.arrow does not hold the bytes written"),
+    "truncated": (lambda d: _truncate(d / "train.arrow", 1000), "train.arrow has 1,000 bytes where"),
+    "empty": (lambda d: _truncate(d / "train.arrow", 0), "train.arrow has 0 bytes where"),
+    "missing file": (lambda d: (d / "report.json").unlink(), "report.json is missing"),
+    "manifest not json": (lambda d: _truncate(d / "manifest.json", 100), "manifest.json is damaged (JSONDecodeError"),
+    "manifest edited": (lambda d: (d / "manifest.json").write_text(
+        (d / "manifest.json").read_text().replace('"train_examples": 36', '"train_examples": 37')),
+        "manifest.json does not match its own digest"),
+}
+
+
+@pytest.mark.parametrize("case", list(DAMAGE))
+def test_damaged_prepared_data_is_rebuilt_with_a_message_never_trained(case, tokenizer, tmp_path, tang_records,
+                                                                      caplog):
+    """Zeroed bytes in train.arrow once trained a quarter of the rows on labels 0 (exit 0); random bytes gave an
+    IndexError mid-training; a truncated or empty file or a broken manifest, raw tracebacks. Each is now found
+    before use and the folder rebuilt, with a message naming the file."""
+    import gc
+    import time
+
+    data = _jsonl(tmp_path / "d.jsonl", tang_records[:40])
+    first = _prepare(tokenizer, str(data), tmp_path / "root", packing=True, val_size=4)
+    folder, expected = first.folder, (first.train.to_dict(), first.eval.to_dict())
+    del first  # and its memory maps: reading a mapped file that was truncated is a SIGBUS
+    gc.collect()
+    time.sleep(0.05)  # filesystems stamp change times in ticks of a few milliseconds
+    damage, named = DAMAGE[case]
+    damage(folder)
+    caplog.clear()
+    again = _prepare(tokenizer, str(data), tmp_path / "root", packing=True, val_size=4)
+    err = caplog.text
+    assert again.built_here and again.folder == folder
+    assert f"prepared data {folder}: {named}" in err and "rebuilding it" in err, err
+    assert (again.train.to_dict(), again.eval.to_dict()) == expected
+    assert _prepare(tokenizer, str(data), tmp_path / "root", packing=True, val_size=4).built_here is False
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o027])
+def test_prepared_data_takes_the_umasks_modes(umask, tokenizer, tmp_path, tang_records):
+    """A team-shared --prepared_data_dir: its folders were 0700 (mkdtemp) whatever the umask, and a second user got
+    PermissionError. Under umask 022 all is 0755 / 0644; under 027, 0750 / 0640: the umask decides, not us."""
+    import os
+    import stat
+
+    data = _jsonl(tmp_path / "d.jsonl", tang_records[:20])
+    old = os.umask(umask)
+    try:
+        prepared = _prepare(tokenizer, str(data), tmp_path / "shared", val_size=2)
+    finally:
+        os.umask(old)
+    found = [prepared.folder, *(tmp_path / "shared").rglob("*")]
+    assert len(found) > 6
+    wrong = [f"{p} {stat.filemode(p.stat().st_mode)}" for p in found
+             if stat.S_IMODE(p.stat().st_mode) != (0o777 if p.is_dir() else 0o666) & ~umask]
+    assert not wrong, wrong
+
+
+def test_damaged_prepared_data_this_user_cannot_replace_is_refused_in_one_sentence(tokenizer, tmp_path,
+                                                                                   tang_records, monkeypatch):
+    import gc
+
+    from trainer.data import prepared as prepared_module
+    from trainer.data.prepared import PreparedDataError
+
+    data = _jsonl(tmp_path / "d.jsonl", tang_records[:20])
+    first = _prepare(tokenizer, str(data), tmp_path / "shared")
+    folder = first.folder
+    del first
+    gc.collect()
+    _truncate(folder / "train.arrow", 10)
+    monkeypatch.setattr(prepared_module.os, "access", lambda path, mode: False)  # a teammate's read-only folder
+    with pytest.raises(PreparedDataError) as caught:
+        _prepare(tokenizer, str(data), tmp_path / "shared")
+    message = str(caught.value)
+    assert message.startswith(f"--prepared_data_dir {tmp_path / 'shared'}: {folder.name} is damaged (train.arrow "
+                              "has 10 bytes where "), message
+    assert message.endswith(" were written) and this user cannot write there; ask its owner to run "
+                            "trainer/prepare.py with the same options, or pass a folder you can write to"), message
+    assert (folder / "train.arrow").stat().st_size == 10  # left as it was, and not trained on

@@ -310,3 +310,89 @@ def test_prompt_files_may_lack_answers_but_are_still_checked(tmp_path):
     good = tmp_path / "good.jsonl"
     good.write_text('{"messages": ["q", "a"]}\n{"messages": ["q2"]}\n', encoding="utf-8")
     assert [(p.text, p.reference) for p in read_prompts(good)] == [("q", "a"), ("q2", None)]
+
+
+# ------------------------------------------------------------------ records no reader can take as they are
+
+DEEP = "[" * 100_000 + "]" * 100_000  # JSON nested 100,000 deep: Python's decoder recurses once per level
+
+
+@pytest.mark.parametrize(
+    ("name", "content", "line", "fragment"),
+    [
+        ("d.jsonl", f'{GOOD_LINE}\n{{"instruction": "q\\ud800", "output": "a"}}\n', 2, "lone surrogate U+D800"),
+        ("d.json", f'[{GOOD_LINE},\n {{"instruction": "q", "output": "\\udc00 a"}}]', 2, "lone surrogate U+DC00"),
+        ("d.jsonl", f'{GOOD_LINE}\n{{"instruction": {DEEP}, "output": "a"}}\n', 2, "nested too deeply"),
+    ],
+    ids=["surrogate-jsonl", "surrogate-json", "deep-jsonl"],
+)
+def test_unreadable_records_are_bad_records_with_their_line(tmp_path, name, content, line, fragment):
+    """A lone surrogate (a broken \\uXXXX escape: valid JSON, not valid Unicode, and the tokenizer's TypeError
+    had no file:line) and JSON nested 100,000 deep (a RecursionError) are bad records: named, and skippable."""
+    path = tmp_path / name
+    path.write_text(content, encoding="utf-8")
+    with pytest.raises(DataError) as caught:
+        read_conversations(path)
+    assert str(caught.value).startswith(f"{path}:{line}: ") and fragment in str(caught.value), caught.value
+    skipped = read_conversations(path, on_bad_record="skip")
+    assert skipped.conversations == [[U("q"), A("a")]] and [s.line for s in skipped.skipped] == [line]
+
+
+def test_json_array_nested_too_deeply_is_named(tmp_path):
+    path = tmp_path / "d.json"
+    path.write_text(f'[{GOOD_LINE},\n {DEEP}]', encoding="utf-8")
+    with pytest.raises(DataError, match=r"d\.json:2: .*nested too deeply"):
+        read_conversations(path, on_bad_record="skip")  # inside an array the record's end cannot be found
+
+
+def _one_big_record(path: Path, text_bytes: int, records_after: int = 1) -> Path:
+    big = json.dumps({"instruction": "q", "output": "詩" * (text_bytes // 3)}, ensure_ascii=False)
+    path.write_text("\n".join([GOOD_LINE, big] + [GOOD_LINE] * records_after) + "\n", encoding="utf-8")
+    return path
+
+
+def test_a_record_over_the_size_limit_is_refused_without_being_read_whole(tmp_path):
+    """One 68 MB record took 13.5 GB to become 64 tokens: the reader refuses a record over --max_record_mb by its
+    file:line and size, and never holds more of it than the limit plus one read chunk."""
+    import tracemalloc
+
+    path = _one_big_record(tmp_path / "d.jsonl", 24 << 20)
+    tracemalloc.start()
+    try:
+        with pytest.raises(DataError) as caught:
+            read_conversations(path, max_record_bytes=1 << 20)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    message = str(caught.value)
+    assert message.startswith(f"{path}:2: record of 25,165,8") and "--max_record_mb" in message, message
+    assert peak < 12 << 20, f"the reader held {peak / 2**20:.0f} MiB of a 24 MiB record"
+    skipped = read_conversations(path, on_bad_record="skip", max_record_bytes=1 << 20)
+    assert len(skipped.conversations) == 2 and [s.line for s in skipped.skipped] == [2]
+
+
+def test_the_size_limit_holds_for_json_arrays_and_parquet(tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    records = [{"instruction": "q", "output": "a"}, {"instruction": "q", "output": "詩" * (3 << 20)}]
+    array = tmp_path / "d.json"
+    array.write_text(json.dumps(records, ensure_ascii=False, indent=1), encoding="utf-8")
+    with pytest.raises(DataError, match=r"d\.json:6: record of more than 2,097,152 bytes"):
+        read_conversations(array, max_record_bytes=2 << 20)
+    parquet = tmp_path / "d.parquet"
+    pq.write_table(pa.Table.from_pylist(records), parquet)
+    with pytest.raises(DataError, match=r"d\.parquet:2: record holds 9,437,18\d bytes of text"):
+        read_conversations(parquet, max_record_bytes=2 << 20)
+    assert len(read_conversations(parquet, max_record_bytes=16 << 20).conversations) == 2
+
+
+def test_a_json_array_defect_is_named_at_once_not_taken_for_a_large_record(tmp_path):
+    """Reading on to find a record's end is for a record cut by the read window; a syntax error is named where it
+    is, even in a file much larger than the record size limit."""
+    path = tmp_path / "d.json"
+    records = [json.dumps({"instruction": f"q{i}", "output": "a" * 50}) for i in range(400)]
+    records[1] = records[1].replace('", "output"', '" "output"')  # a missing comma in the second record
+    path.write_text("[\n" + ",\n".join(records) + "\n]\n", encoding="utf-8")
+    with pytest.raises(DataError, match=r"d\.json:3: malformed JSON: Expecting ',' delimiter"):
+        read_conversations(path, max_record_bytes=1024)

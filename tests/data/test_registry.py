@@ -105,6 +105,22 @@ def test_download_verifies_caches_and_is_reused(tmp_path):
     assert resolve_dataset("toy", registry_file=registry) == [path]
 
 
+@pytest.mark.parametrize("umask", [0o022, 0o027])
+def test_a_downloaded_file_takes_the_umasks_mode(tmp_path, umask):
+    """The download is staged in a mkstemp file (0600) and renamed: the cached copy must be the team's too."""
+    import os
+    import stat
+
+    source = tmp_path / "toy.json"
+    source.write_bytes(CONTENT)
+    old = os.umask(umask)
+    try:
+        [path] = resolve_dataset("toy", registry_file=write_registry(tmp_path, source.as_uri()))
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE(path.stat().st_mode) == 0o666 & ~umask
+
+
 def test_damaged_cache_is_fetched_again(tmp_path):
     source = tmp_path / "toy.json"
     source.write_bytes(CONTENT)

@@ -9,8 +9,10 @@ the Trainer's log lines with ``train/`` and ``eval/`` prefixes and only on the g
 On top of the integration this adds what a fine-tuning run needs to be judged and reproduced later:
 
 - the full resolved configuration (recipe, our options, every ``TrainingArguments`` value, world size, global
-  batch, library versions, data report), with secrets scrubbed: tokens and API keys never reach SwanLab's
-  files, which travel with output folders and checkpoints;
+  batch, library versions, data report, the command line), with secrets scrubbed: tokens and API keys never reach
+  SwanLab's files, which travel with output folders and checkpoints. SwanLab records the command line in its run
+  metadata on its own (from ``/proc/self/cmdline``, which no process can scrub); when that holds a secret
+  (``--hub_token …``) its runtime probe is switched off and the scrubbed command line is in the config instead;
 - the sample generations (prompt, reference, output) before training, at each evaluation and after training,
   as ``swanlab.Text``;
 - our mode names (``cloud`` is SwanLab's ``online``) and a fallback from ``local`` to ``offline`` when the dashboard
@@ -23,6 +25,7 @@ import atexit
 import importlib.metadata
 import importlib.util
 import logging
+import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -30,7 +33,7 @@ import swanlab
 from swanlab.integration.transformers import SwanLabCallback
 from transformers import TrainerCallback
 
-from trainer.run_config import known_secrets, resolved_config, scrub
+from trainer.run_config import resolved_config, run_secrets, scrub
 
 if TYPE_CHECKING:
     from trainer.args import Config
@@ -81,9 +84,15 @@ class SFTSwanLabCallback(SwanLabCallback):
     """
 
     def __init__(self, config: dict[str, Any], samples: SampleRecorder | None = None,
-                 generations: EvalGenerationCallback | None = None, **init_kwargs: Any) -> None:
+                 generations: EvalGenerationCallback | None = None, secrets: tuple[str, ...] = (),
+                 **init_kwargs: Any) -> None:
         super().__init__(log_config=False, **init_kwargs)
-        self._config = config
+        self._secrets = secrets
+        command = command_line()
+        self._config = {**config, "command": scrub(command, secrets)}
+        # SwanLab's runtime probe records the raw command line: off when that holds a secret.
+        hide_runtime = scrub(command, secrets) != command
+        self._init = {**init_kwargs, "settings": swanlab.Settings(probe={"runtime": False}) if hide_runtime else None}
         self._samples = samples
         self._generations = generations
         self._generations_logged: int | None = None
@@ -94,12 +103,16 @@ class SFTSwanLabCallback(SwanLabCallback):
 
     def setup(self, args: Any, state: Any, model: Any = None) -> None:
         try:
+            if state.is_world_process_zero and not swanlab.has_run():
+                # Started here rather than by the integration, which passes no settings on (it would then find
+                # this run active and use it).
+                swanlab.init(callbacks=[self], **self._init)
             super().setup(args, state, model)
         except Exception as error:
             if self._mode != "online":
                 raise
             # SwanLab's own messages blame the API key even when the server is unreachable; say what to do.
-            reason = scrub(str(error), known_secrets()).rstrip(".")
+            reason = scrub(str(error), self._secrets).rstrip(".")
             raise RuntimeError(
                 f"SwanLab cloud run could not start: {reason}. Set SWANLAB_API_KEY or run `swanlab login` once, and "
                 "check that the SwanLab server can be reached; without network use --swanlab_mode offline and "
@@ -108,7 +121,7 @@ class SFTSwanLabCallback(SwanLabCallback):
         if self._configured or not _is_main(state):
             return  # already set up, or not the world-zero process
         self._configured = True
-        self.update_config(scrub({**self._config, **_model_facts(model)}, known_secrets()))
+        self.update_config(scrub({**self._config, **_model_facts(model)}, self._secrets))
         # Registered after swanlab.init, so it runs before SwanLab's own exit hook (atexit is last-in first-out).
         atexit.register(self._finish)
         self._log_new_samples(0)
@@ -126,7 +139,7 @@ class SFTSwanLabCallback(SwanLabCallback):
             return
         step, replies = latest
         self._generations_logged = step
-        secrets = known_secrets()
+        secrets = self._secrets
         texts = [swanlab.Text(scrub(sample_text(prompt, reply), secrets), caption=f"step {step} #{i + 1}")
                  for i, (prompt, reply) in enumerate(zip(self._generations.prompts, replies))]
         swanlab.log({"eval/predictions": texts}, step=step)
@@ -143,7 +156,7 @@ class SFTSwanLabCallback(SwanLabCallback):
     def _log_new_samples(self, step: int) -> None:
         if self._samples is None or not self._samples.prompts:
             return
-        secrets = known_secrets()
+        secrets = self._secrets
         for stage, replies in list(self._samples.replies.items()):
             if stage in self._logged_stages:
                 continue
@@ -165,6 +178,16 @@ class SFTSwanLabCallback(SwanLabCallback):
             self._log_new_samples(self._last_step)
         finally:
             swanlab.finish()
+
+
+def command_line() -> str:
+    """This process's command line as SwanLab records it (``/proc/self/cmdline`` on Linux, else ``sys.argv``)."""
+    try:
+        with open("/proc/self/cmdline", "rb") as f:
+            parts = f.read().decode("utf-8", errors="replace").split("\x00")
+    except OSError:
+        parts = [sys.executable, *sys.argv]
+    return " ".join(part for part in parts if part).strip()
 
 
 def _is_main(state) -> bool:
@@ -203,9 +226,10 @@ def make_swanlab_callback(
         init_kwargs["experiment_name"] = tracking.swanlab_experiment_name
     if tracking.swanlab_workspace:
         init_kwargs["workspace"] = tracking.swanlab_workspace
+    secrets = run_secrets(cfg)
     if tracking.swanlab_description:
-        init_kwargs["description"] = scrub(tracking.swanlab_description, known_secrets())
+        init_kwargs["description"] = scrub(tracking.swanlab_description, secrets)
     # Every mode keeps its files with the output (cloud runs too: their local copy can be re-synced).
     init_kwargs["log_dir"] = str(Path(tracking.swanlab_logdir or Path(cfg.training.output_dir) / "swanlog"))
     return SFTSwanLabCallback(resolved_config(cfg, report, world_size), samples=samples, generations=generations,
-                              **init_kwargs)
+                              secrets=secrets, **init_kwargs)

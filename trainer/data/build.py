@@ -32,8 +32,9 @@ import pyarrow.compute as pc
 from tqdm.auto import tqdm
 from transformers import PreTrainedTokenizerBase
 
+from trainer.data.digests import WrittenFiles
 from trainer.data.encode import ConversationEncoder, encode_batches
-from trainer.data.formats import DataError, RecordReader, item_with_system
+from trainer.data.formats import DEFAULT_MAX_RECORD_BYTES, DataError, RecordReader, item_with_system
 from trainer.data.gather import FileRows, MappedStream
 from trainer.data.items import Chat, Kinds
 from trainer.data.mixing import mixture
@@ -73,6 +74,7 @@ class DataOptions:
     mix_by: str = "examples"
     template_kwargs: Mapping[str, Any] = field(default_factory=dict)
     missing_reasoning: str = "error"
+    max_record_bytes: int = DEFAULT_MAX_RECORD_BYTES
 
 
 @dataclass
@@ -170,7 +172,8 @@ def _conversation_batches(sources: list[Source], options: DataOptions, stats: _S
     for source_index, source in enumerate(sources):
         is_train = source_index < train_sources
         for stream in source.streams:
-            reader = RecordReader(stream.where, stream.records(), options.on_bad_record)
+            reader = RecordReader(stream.where, stream.records(options.max_record_bytes), options.on_bad_record,
+                                  max_record_bytes=options.max_record_bytes)
             batch, where = [], []
             records_before = stats.conversations
             for line, item in reader:
@@ -274,9 +277,9 @@ def _held_out(n_conversations: int, val_size: float, seed: int) -> np.ndarray:
 
 
 def _write_examples(path: Path, examples: FileRows, lengths: np.ndarray, index: np.ndarray, packing: bool,
-                    max_length: int, seed: int) -> PackingStats | None:
+                    max_length: int, seed: int, written: WrittenFiles) -> PackingStats | None:
     """Write the examples at ``index`` of the examples file (``lengths``: of all its examples) to an Arrow file:
-    packed into rows, or as they are."""
+    packed into rows, or as they are; its size and digest go into ``written``."""
     lengths = lengths[index]
     if packing:
         rows = [[int(index[i]) for i in row] for row in row_order(lengths.tolist(), max_length, seed)]
@@ -284,7 +287,7 @@ def _write_examples(path: Path, examples: FileRows, lengths: np.ndarray, index: 
     else:
         batches = (b for i in range(0, len(index), 4096) for b in examples.take(index[i : i + 4096]).to_batches())
         schema = UNPACKED_SCHEMA
-    with pa.OSFile(str(path), "wb") as sink, pa.ipc.new_stream(sink, schema) as writer:
+    with written.binary(path) as raw, pa.PythonFile(raw, mode="w") as sink, pa.ipc.new_stream(sink, schema) as writer:
         for batch in batches:
             writer.write_batch(batch)
     if not packing:
@@ -304,8 +307,11 @@ def build_prepared(
     num_proc: int = 1,
     show_progress: bool = True,
     progress: Progress | None = None,
+    written: WrittenFiles | None = None,
 ) -> DataReport:
-    """Fill ``folder`` with ``train.arrow``, ``eval*.arrow`` and ``report.json``; returns the report."""
+    """Fill ``folder`` with ``train.arrow``, ``eval*.arrow`` and ``report.json``; returns the report. Each file's
+    size and sha256, computed as it is written, go into ``written``."""
+    written = written if written is not None else WrittenFiles()
     sources = train_sources + eval_sources
     encoder = ConversationEncoder(tokenizer, template, options.template_kwargs, options.max_length,
                                   options.missing_reasoning, split_documents=options.on_overlong != "drop")
@@ -355,7 +361,7 @@ def build_prepared(
         mixing = {"by": options.mix_by, "summary": f"by {options.mix_by}: " + ", ".join(parts)}
 
     stats_packing = _write_examples(folder / "train.arrow", examples, lengths, train_index, options.packing,
-                                    options.max_length, options.seed)
+                                    options.max_length, options.seed, written)
     eval_sets = {}
     present = [int(i) for i in np.unique(source[eval_index])]
     keys = _unique_keys([sources[i] for i in present])
@@ -364,9 +370,9 @@ def build_prepared(
         eval_sets[name] = eval_index[source[eval_index] == i]
     for name, index in eval_sets.items():
         _write_examples(folder / f"{name}.arrow", examples, lengths, index, options.packing, options.max_length,
-                        options.seed)
+                        options.seed, written)
     if len(eval_index):
-        _write_eval_conversations(folder / EVAL_CONVERSATIONS, sources, len(train_sources), held, options)
+        _write_eval_conversations(folder / EVAL_CONVERSATIONS, sources, len(train_sources), held, options, written)
     report = DataReport(
         files=stats.files, skipped_records=stats.skipped, skipped_count=stats.skipped_count,
         conversations=stats.conversations, train_examples=len(train_index), eval_examples=len(eval_index),
@@ -385,7 +391,8 @@ def build_prepared(
     if stats_packing is not None:
         report.packing = {"summary": str(stats_packing), "efficiency": stats_packing.efficiency,
                           "rows": stats_packing.rows, "examples_per_row": stats_packing.examples_per_row}
-    (folder / "report.json").write_text(json.dumps(asdict(report), ensure_ascii=False, indent=2), encoding="utf-8")
+    with written.text(folder / "report.json") as out:
+        out.write(json.dumps(asdict(report), ensure_ascii=False, indent=2))
     return report
 
 
@@ -403,17 +410,19 @@ def _kinds_entry(stats: _Stats, source_index: int) -> dict:
 
 
 def _write_eval_conversations(path: Path, sources: list[Source], train_sources: int, held: np.ndarray,
-                              options: DataOptions) -> None:
+                              options: DataOptions, written: WrittenFiles) -> None:
     """The evaluation conversations as messages (for generation-based evaluation), from a second pass over the
     sources: cheap next to tokenising, and it keeps the first pass free of anything but what training needs.
     Only plain chats are prompts: documents and plain completions have no chat prompt, and a tool-calling chat needs
     its tools, which generation does not pass."""
     index = 0
-    with path.open("w", encoding="utf-8") as out:
+    with written.text(path) as out:
         for source_index, source in enumerate(sources):
             is_train = source_index < train_sources
             for stream in source.streams:
-                for line, item in RecordReader(stream.where, stream.records(), options.on_bad_record):
+                reader = RecordReader(stream.where, stream.records(options.max_record_bytes), options.on_bad_record,
+                                      max_record_bytes=options.max_record_bytes)
+                for line, item in reader:
                     if is_train and options.max_samples is not None and index >= options.max_samples:
                         break
                     if (not is_train or held[index]) and isinstance(item, Chat) and not item.tools \

@@ -17,6 +17,7 @@ from __future__ import annotations
 import codecs
 import json
 import re
+import sys
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -29,6 +30,12 @@ FORMATS = ("alpaca", "messages", "sharegpt", "alternating", "prompt_completion",
            "text")
 ON_BAD_RECORD = ("error", "skip")
 EXTENSIONS = (".json", ".jsonl", ".parquet", ".txt")
+# Largest record read, in bytes (``--max_record_mb``): tokenising one record takes ~75x its size in memory with a
+# small byte-level BPE, more with larger ones (8 MiB of text: 0.6 GB; one 68 MB record once took 13.5 GB), so a
+# stray multi-megabyte blob must be refused, not encoded (``bench/data_guards.py``). 8 MiB holds a million-token
+# conversation; anything larger is truncated to --max_length anyway. A ``.txt`` file is one record: the same limit.
+DEFAULT_MAX_RECORD_MB = 8.0
+DEFAULT_MAX_RECORD_BYTES = int(DEFAULT_MAX_RECORD_MB * 2**20)
 
 _SHAREGPT_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "system": "system",
                    "observation": "tool", "tool": "tool", "function_call": "assistant"}
@@ -38,6 +45,7 @@ _ROLE_ALIASES = {"ipython": "tool"}
 # Names under which chat data carries an assistant turn's reasoning (kept as ``reasoning_content``).
 REASONING_KEYS = ("reasoning_content", "reasoning", "thinking")
 _WS = re.compile(r"[ \t\n\r]*")
+_SURROGATE = re.compile("[\ud800-\udfff]")
 
 
 class DataError(UserError, ValueError):
@@ -98,10 +106,12 @@ class RecordReader:
     damage to the source as a whole (a broken .json array, non-UTF-8 bytes, no records, no usable record) always
     raises. ``prompts=True`` reads prompt files (e.g. a test set): the final answer may be missing (an alpaca record
     without ``output``, a conversation ending on the user); everything else is checked as for training data.
+    An item holding more than ``max_record_bytes`` of text (a chat, a document, a completion) is a bad record too
+    (the file readers already refuse such records before decoding them; this bounds parquet and ``datasets`` rows).
     """
 
     def __init__(self, where: str, records: Iterable[tuple[int, object]], on_bad_record: str = "error",
-                 prompts: bool = False) -> None:
+                 prompts: bool = False, max_record_bytes: int = DEFAULT_MAX_RECORD_BYTES) -> None:
         if on_bad_record not in ON_BAD_RECORD:
             raise ValueError(f"on_bad_record must be one of {ON_BAD_RECORD}, got {on_bad_record!r}")
         self.where = where
@@ -111,6 +121,7 @@ class RecordReader:
         self._records = records
         self._skip = on_bad_record == "skip"
         self._prompts = prompts
+        self._max_bytes = max_record_bytes
 
     def __iter__(self) -> Iterator[tuple[int, Item]]:
         convert: Callable[[dict, bool], Item] | None = None
@@ -128,6 +139,7 @@ class RecordReader:
                 item = convert(record, self._prompts)
                 if isinstance(item, Chat):
                     _validate(item, self._prompts)
+                _check_size(item, self._max_bytes)
             except RecordError as err:
                 fmt_note = f", format {self.format}" if self.format and not isinstance(record, RecordError) else ""
                 self.reject(line, index, str(err), fmt_note)
@@ -148,12 +160,14 @@ class RecordReader:
         self.skipped.append(SkippedRecord(self.where, line, index, reason))
 
 
-def read_records(path: str | Path, on_bad_record: str = "error", prompts: bool = False) -> RecordFile:
+def read_records(path: str | Path, on_bad_record: str = "error", prompts: bool = False,
+                 max_record_bytes: int = DEFAULT_MAX_RECORD_BYTES) -> RecordFile:
     """Read a whole file into validated items (see :class:`RecordReader`).
 
     For small files (prompts, tests); training data is streamed through :class:`RecordReader` instead.
     """
-    reader = RecordReader(str(Path(path)), iter_records(path), on_bad_record, prompts)
+    reader = RecordReader(str(Path(path)), iter_records(path, max_record_bytes), on_bad_record, prompts,
+                          max_record_bytes)
     result = RecordFile(path=reader.where, format="")
     for line, item in reader:
         result.items.append(item)
@@ -162,9 +176,10 @@ def read_records(path: str | Path, on_bad_record: str = "error", prompts: bool =
     return result
 
 
-def read_conversations(path: str | Path, on_bad_record: str = "error", prompts: bool = False) -> RecordFile:
+def read_conversations(path: str | Path, on_bad_record: str = "error", prompts: bool = False,
+                       max_record_bytes: int = DEFAULT_MAX_RECORD_BYTES) -> RecordFile:
     """:func:`read_records` for a file that must hold chats (prompt files, tests): ``.conversations`` has them."""
-    result = read_records(path, on_bad_record, prompts)
+    result = read_records(path, on_bad_record, prompts, max_record_bytes)
     if result.items and not isinstance(result.items[0], Chat):
         raise DataError(f"{result.path}:{result.lines[0]}: records in the {result.format} format hold no "
                         "conversation; this file must be in a chat format (messages, sharegpt, alpaca, alternating "
@@ -172,26 +187,39 @@ def read_conversations(path: str | Path, on_bad_record: str = "error", prompts: 
     return result
 
 
-def iter_records(path: str | Path) -> Iterator[tuple[int, object]]:
+def iter_records(path: str | Path, max_record_bytes: int = DEFAULT_MAX_RECORD_BYTES) -> Iterator[tuple[int, object]]:
     """``(line, record)`` for each record of a .json array, .jsonl or .parquet file, in order, read as a stream;
     a .txt file is one record, ``{"text": <the whole file>}`` (one document).
 
-    Memory stays bounded by the largest record, whatever the file size. A .jsonl line that is not JSON comes as a
-    ``RecordError`` (so a reader may skip it); for parquet, "line" is the row number. The extension and an empty
-    file are checked at once, not when iteration starts; bad UTF-8 is named by line when it is reached.
+    Memory stays bounded by ``max_record_bytes`` (plus a read chunk), whatever the file or record size: a .jsonl
+    line over it is passed over without being kept and comes as a ``RecordError`` naming its size (so a reader may
+    skip it), as does a line that is not JSON or nests too deeply to decode; a record of a .json array over it ends
+    the reading (its end cannot be found without reading it); a .txt file over it is read no further than the limit
+    and comes as a ``RecordError`` naming the file's size. For parquet, "line" is the row number and rows are read a
+    few at a time when they are large. The extension and an empty file are checked at once, not when iteration
+    starts; bad UTF-8 is named by line when it is reached.
     """
     path = Path(path)
     suffix = path.suffix.lower()
     if suffix not in EXTENSIONS:
         raise DataError(f"{path}:1: unsupported extension {path.suffix!r}; expected one of {', '.join(EXTENSIONS)}")
     if suffix == ".parquet":
-        return _parquet_records(path)
+        return _parquet_records(path, max_record_bytes)
     stream = _TextStream(path)
     if suffix == ".txt":
-        return _text_file_record(stream)
+        return _text_file_record(stream, max_record_bytes)
     if not stream.skip_whitespace():
         raise DataError(f"{path}:1: empty file, no records")
-    return _jsonl_records(stream) if suffix == ".jsonl" else _json_array_records(stream)
+    if suffix == ".jsonl":
+        return _jsonl_records(stream, max_record_bytes)
+    return _json_array_records(stream, max_record_bytes)
+
+
+def _too_large(size: str, limit: int, what: str = "record") -> str:
+    """The reason given for a record over the size limit; ``size`` says how large it is."""
+    return (f"{what} of {size} bytes is over the limit of {limit:,} bytes set by --max_record_mb; raise it if such "
+            "records are meant to be trained (tokenising one takes ~75-200x its size in memory), else remove the "
+            "record")
 
 
 def with_system(conversation: Conversation, system: str | None) -> Conversation:
@@ -283,8 +311,9 @@ class _TextStream:
             if not self.more():
                 return False
 
-    def readline(self) -> str | None:
-        """The rest of the current line (without its newline), or None at the end of the file."""
+    def readline(self, limit: int) -> str | int | None:
+        """The rest of the current line (without its newline); None at the end of the file; or, for a line of more
+        than ``limit`` bytes, its size in bytes: such a line is passed over without being kept."""
         while True:
             end = self.text.find("\n", self.pos)
             if end >= 0 or self.eof:
@@ -292,28 +321,69 @@ class _TextStream:
                     return None
                 end = len(self.text) if end < 0 else end
                 line, self.pos = self.text[self.pos:end], end + 1
-                return line
+                size = len(line) if len(line) * 4 <= limit else len(line.encode("utf-8"))
+                return size if size > limit else line
+            if self.unread_over(limit):
+                return self._skip_line()
             self.more()
 
+    def unread_over(self, limit: int) -> bool:
+        """Whether the unread window holds more than ``limit`` bytes of UTF-8 (a character takes 1 to 4)."""
+        chars = len(self.text) - self.pos
+        if chars > limit or chars * 4 <= limit:
+            return chars > limit
+        return len(self.text[self.pos:].encode("utf-8")) > limit
 
-def _jsonl_records(stream: _TextStream) -> Iterator[tuple[int, object]]:
-    """Yield (line, record) per non-blank line; a line that is not JSON yields a RecordError so it can be skipped."""
+    def _skip_line(self) -> int:
+        """Move past the rest of the current line, keeping none of it; its size in bytes (without the newline)."""
+        size = 0
+        while True:
+            end = self.text.find("\n", self.pos)
+            stop = len(self.text) if end < 0 else end
+            size += len(self.text[self.pos:stop].encode("utf-8"))
+            if end >= 0:
+                self.pos = end + 1
+                return size
+            self.pos = stop
+            if not self.more():
+                return size
+
+    def close(self) -> None:
+        """Stop reading (the file is closed; the window is dropped)."""
+        if not self.eof:
+            self._file.close()
+            self.eof = True
+        self.text, self.pos = "", 0
+
+
+def _jsonl_records(stream: _TextStream, max_record_bytes: int) -> Iterator[tuple[int, object]]:
+    """Yield (line, record) per non-blank line; a line that is not JSON, nests too deeply or is over the size limit
+    yields a RecordError so it can be skipped."""
     decode = json.JSONDecoder().decode
     # split on "\n" only: str.splitlines would also break on U+2028 etc., which JSON allows raw inside strings
     stream.pos = 0
     number = stream.line_at(0)
-    while (raw_line := stream.readline()) is not None:
-        if raw_line.strip():
+    while (raw_line := stream.readline(max_record_bytes)) is not None:
+        if isinstance(raw_line, int):
+            yield number, RecordError(_too_large(f"{raw_line:,}", max_record_bytes))
+        elif raw_line.strip():
             try:
                 yield number, decode(raw_line)
             except json.JSONDecodeError as err:
                 yield number, RecordError(f"malformed JSON at column {err.colno}: {err.msg}")
+            except RecursionError:
+                yield number, RecordError(_TOO_DEEP)
         number += 1
 
 
-def _json_array_records(stream: _TextStream) -> Iterator[tuple[int, object]]:
+_TOO_DEEP = (f"JSON nested too deeply to decode (Python's decoder stops near {sys.getrecursionlimit()} levels of "
+             "arrays and objects); flatten the record or remove it")
+
+
+def _json_array_records(stream: _TextStream, max_record_bytes: int) -> Iterator[tuple[int, object]]:
     """Yield (line, record) for each element of a top-level JSON array, decoding element by element from a window
-    over the file, so each record's starting line is known and memory is bounded by the largest record."""
+    over the file, so each record's starting line is known and memory is bounded by the largest record (at most
+    ``max_record_bytes``: a larger record ends the reading, named by its line)."""
     decoder = json.JSONDecoder()
     where = str(stream.path)
 
@@ -332,9 +402,18 @@ def _json_array_records(stream: _TextStream) -> Iterator[tuple[int, object]]:
             while True:
                 try:
                     record, end = decoder.raw_decode(stream.text, stream.pos)
+                except RecursionError:
+                    raise DataError(f"{where}:{stream.line_at(stream.pos)}: {_TOO_DEEP}") from None
                 except json.JSONDecodeError as err:
-                    if stream.more():
-                        continue  # the record may run on into the next chunk
+                    # Cut short by the window's end (or inside a long string), the record may run on into the next
+                    # chunk; a defect before that is one whatever follows: named now, without reading on.
+                    cut_short = err.pos >= len(stream.text) - 16 or err.msg.startswith("Unterminated string")
+                    if cut_short and stream.unread_over(max_record_bytes):
+                        size = f"more than {max_record_bytes:,}"
+                        raise DataError(f"{where}:{stream.line_at(stream.pos)}: {_too_large(size, max_record_bytes)}; "
+                                        "inside a .json array it cannot be skipped") from None
+                    if cut_short and stream.more():
+                        continue
                     # the decoder's own position points at the real defect, which may be lines after the record start
                     raise fail(err.pos, f"{err.msg} (column {err.colno})") from None
                 if end == len(stream.text) and stream.more():
@@ -357,17 +436,32 @@ def _json_array_records(stream: _TextStream) -> Iterator[tuple[int, object]]:
         raise fail(stream.pos, "extra data after the top-level array")
 
 
-def _text_file_record(stream: _TextStream) -> Iterator[tuple[int, object]]:
-    """The whole of a .txt file, as it is, as one ``{"text": ...}`` record on line 1 (bad UTF-8 named by its line)."""
-    while stream.more():
+def _text_file_record(stream: _TextStream, max_record_bytes: int) -> Iterator[tuple[int, object]]:
+    """The whole of a .txt file, as it is, as one ``{"text": ...}`` record on line 1 (bad UTF-8 named by its line).
+
+    The file is one record, so ``max_record_bytes`` bounds it: one over it is read no further than the limit (plus a
+    chunk) and comes as a ``RecordError`` naming the file's size, so no document of it is ever held or tokenised.
+    """
+    while not stream.unread_over(max_record_bytes) and stream.more():
         pass
+    if stream.unread_over(max_record_bytes):
+        stream.close()
+        try:
+            size = f"{stream.path.stat().st_size:,}"
+        except OSError:
+            size = f"more than {max_record_bytes:,}"
+        return iter([(1, RecordError(_too_large(size, max_record_bytes, "text file (one document)")))])
     if not stream.text.strip():
         raise DataError(f"{stream.path}:1: empty file, no text")
     return iter([(1, {"text": stream.text})])
 
 
-def _parquet_records(path: Path) -> Iterator[tuple[int, object]]:
-    """Rows of a parquet file as records, in batches (bounded memory); the row number stands for the line."""
+def _parquet_records(path: Path, max_record_bytes: int) -> Iterator[tuple[int, object]]:
+    """Rows of a parquet file as records, in batches (bounded memory); the row number stands for the line.
+
+    Batches hold 1024 rows, fewer where the rows are large (from the row groups' sizes), so that a batch takes
+    about one record's worth of the size limit; the reader checks each record's size (:func:`_check_size`).
+    """
     import pyarrow.parquet as pq
 
     try:
@@ -376,8 +470,12 @@ def _parquet_records(path: Path) -> Iterator[tuple[int, object]]:
         raise DataError(f"{path}:1: file not found") from None
     except Exception as err:  # pyarrow raises ArrowInvalid & co. for a damaged file
         raise DataError(f"{path}:1: not a readable parquet file: {err}") from None
+    meta = parquet.metadata
+    row_bytes = max((meta.row_group(i).total_byte_size / max(meta.row_group(i).num_rows, 1)
+                     for i in range(meta.num_row_groups)), default=1)
+    batch_size = int(min(1024, max(1, max_record_bytes // max(row_bytes, 1))))
     row = 0
-    for batch in parquet.iter_batches(batch_size=1024):
+    for batch in parquet.iter_batches(batch_size=batch_size):
         for record in batch.to_pylist():
             row += 1
             yield row, record
@@ -412,7 +510,34 @@ def _require(record: object, key: str, fmt: str) -> object:
 def _text(value: object, what: str) -> str:
     if not isinstance(value, str):
         raise RecordError(f"{what} must be a string, got a JSON {_json_type(value)}")
+    if not value.isascii() and (bad := _SURROGATE.search(value)):
+        # A broken \uXXXX escape: valid JSON, but no Unicode text (no tokenizer can encode it).
+        raise RecordError(f"{what} holds a lone surrogate U+{ord(bad.group()):04X} at character {bad.start()}, "
+                          "which is not Unicode text (half of a broken \\u escape pair); fix or remove it")
     return value
+
+
+def _check_size(item: Item, limit: int) -> None:
+    """Refuse an item whose texts exceed ``limit`` bytes before anything tokenises it: a chat's contents, reasoning,
+    tool calls and tools; a document's text; a completion's prompt and completion.
+
+    A chat's tool calls and tools are JSON objects whose strings no :func:`_text` saw; they are measured as the
+    template writes them (JSON) and checked for lone surrogates here.
+    """
+    if isinstance(item, Document):
+        texts = [item.text]
+    elif isinstance(item, Completion):
+        texts = [item.prompt, item.completion]
+    else:
+        texts = [t for m in item.messages for t in (m.get("content") or "", m.get("reasoning_content") or "")]
+        structured = [("field 'tools'", item.tools)] if item.tools else []
+        structured += [(f"message {i}'s tool calls", m["tool_calls"])
+                       for i, m in enumerate(item.messages) if m.get("tool_calls")]
+        texts += [_text(json.dumps(value, ensure_ascii=False), f"{what} (as JSON)") for what, value in structured]
+    size = sum(len(t) if t.isascii() else len(t.encode("utf-8")) for t in texts)
+    if size > limit:
+        raise RecordError(f"record holds {size:,} bytes of text, over the limit of {limit:,} bytes set by "
+                          "--max_record_mb; raise it if such records are meant to be trained, else remove the record")
 
 
 def _optional_text(record: dict, key: str) -> str:

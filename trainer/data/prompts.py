@@ -9,7 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from trainer.data.formats import Conversation, DataError, read_conversations, with_system
+from trainer.data.formats import DEFAULT_MAX_RECORD_BYTES, Conversation, DataError, read_conversations, with_system
 
 
 @dataclass
@@ -36,10 +36,17 @@ def read_prompts(path: str | Path, system: str | None = None, limit: int | None 
     return [to_prompt(c, system) for c in (conversations[:limit] if limit else conversations)]
 
 
-def read_references(path: str | Path, count: int) -> list[str]:
-    """References aligned with ``count`` prompts: one per line, or (a file with blank lines) one per block."""
+def read_references(path: str | Path, count: int, max_record_bytes: int = DEFAULT_MAX_RECORD_BYTES) -> list[str]:
+    """References aligned with ``count`` prompts: one per line, or (a file with blank lines) one per block.
+
+    The file is read whole, so it is refused first if it is larger than ``count`` references of a record's size.
+    """
     path = Path(path)
     try:
+        size = path.stat().st_size
+        if size > max(count, 1) * max_record_bytes:
+            raise DataError(f"{path}:1: {size:,} bytes for {count} reference(s), more than {max_record_bytes:,} "
+                            "bytes each (the record size limit); is this the references file?")
         text = path.read_text(encoding="utf-8-sig")
     except FileNotFoundError:
         raise DataError(f"{path}:1: references file not found") from None

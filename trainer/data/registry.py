@@ -19,6 +19,7 @@ import yaml
 from tqdm.auto import tqdm
 
 from trainer.data.formats import EXTENSIONS, DataError
+from trainer.file_modes import new_file_mode
 
 DEFAULT_REGISTRY = Path(__file__).resolve().parents[2] / "data" / "datasets.yaml"
 DATA_DIR_ENV = "SFT_DATA_DIR"
@@ -228,6 +229,7 @@ def _download(
                 f"download of dataset {name!r} ({split}) from {url} has the wrong content: "
                 f"sha256 expected {expected}, actual {actual}; the file was not kept"
             )
+        os.chmod(tmp, new_file_mode())  # mkstemp's file is 0600: a shared cache must be readable by the team
         os.replace(tmp, target)
     finally:
         tmp.unlink(missing_ok=True)

@@ -9,15 +9,14 @@ records without loading them all.
 
 from __future__ import annotations
 
-import hashlib
-import os
 import re
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from trainer.data.formats import DataError, iter_records
-from trainer.data.registry import cache_root, load_registry, resolve_dataset, sha256_of
+from trainer.data.digests import file_digest
+from trainer.data.formats import DEFAULT_MAX_RECORD_BYTES, DataError, iter_records
+from trainer.data.registry import load_registry, resolve_dataset
 
 _WEIGHT = re.compile(r"^(?P<item>.+?):(?P<weight>[0-9]*\.?[0-9]+(?:[eE][-+]?[0-9]+)?)$")
 _HUB_NAME = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
@@ -31,36 +30,16 @@ class RecordStream:
     path: Path | None = None  # a file
     dataset: object = field(default=None, compare=False, hash=False)  # a datasets.Dataset
 
-    def records(self) -> Iterator[tuple[int, object]]:
+    def records(self, max_record_bytes: int = DEFAULT_MAX_RECORD_BYTES) -> Iterator[tuple[int, object]]:
+        """``(line, record)`` of each record; a file's reader bounds a record's size (see ``iter_records``)."""
         if self.path is not None:
-            return iter_records(self.path)
+            return iter_records(self.path, max_record_bytes)
         return _dataset_records(self.dataset)
 
     def fingerprint(self) -> str:
         if self.path is not None:
             return file_digest(self.path)
         return f"datasets:{self.dataset._fingerprint}"
-
-
-def file_digest(path: Path) -> str:
-    """The sha256 of a file's bytes, remembered by (path, size, modification time) in the cache: every rank of every
-    run keys its data by content, and re-reading gigabytes for it at each start would cost tens of seconds."""
-    stat = path.stat()
-    memo_key = hashlib.sha256(f"{path.resolve()}|{stat.st_size}|{stat.st_mtime_ns}".encode()).hexdigest()
-    memo = cache_root() / "digests" / memo_key
-    try:
-        return memo.read_text().strip()
-    except OSError:
-        pass
-    value = sha256_of(path)
-    try:
-        memo.parent.mkdir(parents=True, exist_ok=True)
-        tmp = memo.with_name(f".{memo.name}.{os.getpid()}")
-        tmp.write_text(value)
-        os.replace(tmp, memo)
-    except OSError:  # a read-only cache: the digest is still right, only not remembered
-        pass
-    return value
 
 
 @dataclass
