@@ -7,7 +7,7 @@ import json
 import pytest
 
 from tests.generated_data import TOOLS, sharegpt_trajectory, trajectory, write_all, write_jsonl
-from trainer.data.formats import DataError, detect_format, read_records
+from trainer.data.formats import DataError, RecordReader, detect_format, read_records
 from trainer.data.items import Chat, Completion, Document
 
 
@@ -107,3 +107,84 @@ def test_a_record_without_tools_may_call_functions_its_system_prompt_describes(t
     del record["tools"]
     (chat,) = read_records(write_jsonl(tmp_path / "d.jsonl", [record])).items
     assert chat.tools is None and chat.tool_call_turns() == 2
+
+
+# ------------------------------------------------------------------ the reader's guards hold for every kind
+
+
+def test_a_txt_file_over_the_size_limit_is_refused_by_name_without_being_read_whole(tmp_path):
+    """A .txt file is one record (one document): over --max_record_mb it is refused by file and size, and never
+    read further than the limit plus one read chunk, as a .jsonl line over it is."""
+    import tracemalloc
+
+    book = tmp_path / "book.txt"
+    book.write_text("詩" * (8 << 20), encoding="utf-8")  # 24 MiB of text
+    tracemalloc.start()
+    try:
+        with pytest.raises(DataError) as caught:
+            read_records(book, max_record_bytes=1 << 20)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert str(caught.value).startswith(f"{book}:1: text file (one document) of 25,165,824 bytes is over the limit "
+                                        "of 1,048,576 bytes set by --max_record_mb"), caught.value
+    assert peak < 8 << 20, f"the reader held {peak / 2**20:.0f} MiB of a 24 MiB file"
+    with pytest.raises(DataError, match=r"book\.txt:1: no usable records: .* text file \(one document\) of 25,165"):
+        read_records(book, on_bad_record="skip", max_record_bytes=1 << 20)  # the file is its only record
+    exact = tmp_path / "exact.txt"
+    exact.write_text("ab\n" * 1000, encoding="utf-8")  # 3,000 bytes: at the limit is within it
+    assert read_records(exact, max_record_bytes=3000).items == [Document("ab\n" * 1000)]
+    with pytest.raises(DataError, match=r"exact\.txt:1: text file \(one document\) of 3,000 bytes"):
+        read_records(exact, max_record_bytes=2999)
+
+
+def _tool_chat(arguments: dict, description: str = "Weather.") -> dict:
+    return {"messages": [{"role": "user", "content": "q"},
+                         {"role": "assistant", "content": "", "tool_calls": [
+                             {"type": "function", "function": {"name": "get_weather", "arguments": arguments}}]},
+                         {"role": "tool", "content": "sunny"}, {"role": "assistant", "content": "a"}],
+            "tools": [{"type": "function", "function": {"name": "get_weather", "description": description,
+                                                         "parameters": {"type": "object"}}}]}
+
+
+SURROGATES = [
+    ("document", {"text": "fine"}, {"text": "half \ud800 pair"}, "field 'text' holds a lone surrogate U+D800"),
+    ("completion", {"prompt": "q", "completion": "a"}, {"prompt": "q", "completion": "a\udfff"},
+     "field 'completion' holds a lone surrogate U+DFFF"),
+    ("tool-arguments", _tool_chat({"city": "Paris"}), _tool_chat({"city": "Par\udc00is"}),
+     "message 1's tool calls (as JSON) holds a lone surrogate U+DC00"),
+    ("tool-spec", _tool_chat({"city": "Paris"}), _tool_chat({"city": "Paris"}, "Wea\ud83dther."),
+     "field 'tools' (as JSON) holds a lone surrogate U+D83D"),
+]
+
+
+@pytest.mark.parametrize(("good", "bad", "fragment"), [c[1:] for c in SURROGATES], ids=[c[0] for c in SURROGATES])
+def test_a_lone_surrogate_in_any_kind_is_a_bad_record_with_its_line(tmp_path, good, bad, fragment):
+    """A broken \\uXXXX escape is valid JSON but no text a tokenizer can encode: in a document, a completion, a tool
+    call's arguments or a tool spec (objects no field check sees) it is a bad record named by file:line."""
+    path = tmp_path / "d.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in (good, bad, good)), encoding="utf-8")  # escaped \ud800
+    with pytest.raises(DataError) as caught:
+        read_records(path)
+    assert str(caught.value).startswith(f"{path}:2: ") and fragment in str(caught.value), caught.value
+    skipped = read_records(path, on_bad_record="skip")
+    assert len(skipped.items) == 2 and [s.line for s in skipped.skipped] == [2]
+
+
+SIZES = [
+    ("document", {"text": "fine"}, {"text": "x" * 5000}),
+    ("completion", {"prompt": "q", "completion": "a"}, {"prompt": "p" * 2500, "completion": "c" * 2500}),
+    ("tool-arguments", _tool_chat({"city": "Paris"}), _tool_chat({"city": "x" * 5000})),
+    ("tool-spec", _tool_chat({"city": "Paris"}), _tool_chat({"city": "Paris"}, "x" * 5000)),
+]
+
+
+@pytest.mark.parametrize(("good", "big"), [c[1:] for c in SIZES], ids=[c[0] for c in SIZES])
+def test_an_item_of_any_kind_over_the_size_limit_is_a_bad_record(good, big):
+    """Rows that come decoded (parquet, ``datasets``) are measured by their texts: a document's, a completion's two,
+    a chat's tool calls and tools as the template writes them (JSON)."""
+    reader = RecordReader("rows", [(1, good), (2, big), (3, good)], "skip", max_record_bytes=4096)
+    assert len([item for _, item in reader]) == 2
+    (skipped,) = reader.skipped
+    assert skipped.line == 2 and "over the limit of 4,096 bytes set by --max_record_mb" in skipped.reason
+    assert len(list(RecordReader("rows", [(2, big)], max_record_bytes=8192))) == 1

@@ -215,11 +215,10 @@ def iter_records(path: str | Path, max_record_bytes: int = DEFAULT_MAX_RECORD_BY
     return _json_array_records(stream, max_record_bytes)
 
 
-def _too_large(size: str, limit: int, what: str = "record") -> str:
+def _too_large(size: str, limit: int, what: str = "record", remedy: str = "remove the record") -> str:
     """The reason given for a record over the size limit; ``size`` says how large it is."""
     return (f"{what} of {size} bytes is over the limit of {limit:,} bytes set by --max_record_mb; raise it if such "
-            "records are meant to be trained (tokenising one takes ~75-200x its size in memory), else remove the "
-            "record")
+            f"records are meant to be trained (tokenising one takes ~75-200x its size in memory), else {remedy}")
 
 
 def with_system(conversation: Conversation, system: str | None) -> Conversation:
@@ -450,7 +449,8 @@ def _text_file_record(stream: _TextStream, max_record_bytes: int) -> Iterator[tu
             size = f"{stream.path.stat().st_size:,}"
         except OSError:
             size = f"more than {max_record_bytes:,}"
-        return iter([(1, RecordError(_too_large(size, max_record_bytes, "text file (one document)")))])
+        reason = _too_large(size, max_record_bytes, "text file (one document)", "split the file or remove it")
+        return iter([(1, RecordError(reason))])
     if not stream.text.strip():
         raise DataError(f"{stream.path}:1: empty file, no text")
     return iter([(1, {"text": stream.text})])
