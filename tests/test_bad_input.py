@@ -37,6 +37,8 @@ BAD_DATA = {
     "empty file": ("d.jsonl", "", "d.jsonl"),
     "lone surrogate": ("d.jsonl", jsonl(GOOD, '{"instruction": "\\ud800", "output": "x"}'), "d.jsonl:2: field"),
     "nested 100,000 deep": ("d.json", "[\n" + "[" * 100_000 + "]" * 100_000 + "\n]", "d.json:2: JSON nested"),
+    "lone surrogate in a document": ("d.jsonl", jsonl({"text": "fine"}, '{"text": "a\\udc00"}'),
+                                     "d.jsonl:2: field 'text' holds a lone surrogate U+DC00"),
 }
 
 
@@ -71,6 +73,16 @@ def test_a_record_over_max_record_mb_is_named_with_its_size(tmp_path, capsys):
                      "--report_to", "none"])
     err = capsys.readouterr().err
     assert code == 2 and f"error: {path}:2: record of 2,034 bytes is over the limit of 1,048 bytes" in err, err
+
+
+def test_a_txt_file_over_max_record_mb_is_named_with_its_size(tmp_path, capsys):
+    path = tmp_path / "book.txt"
+    path.write_text("x" * 2000, encoding="utf-8")
+    code = sft.main(["--dataset", str(path), "--max_record_mb", "0.001", "--output_dir", str(tmp_path / "out"),
+                     "--report_to", "none"])
+    err = capsys.readouterr().err
+    assert code == 2 and f"error: {path}:1: text file (one document) of 2,000 bytes is over the limit of 1,048" \
+        in err, err
 
 
 def test_overlong_examples_are_counted(tmp_path, tiny_model_dir):

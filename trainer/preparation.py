@@ -61,14 +61,17 @@ def data_options(cfg: Config) -> DataOptions:
     )
 
 
-def _texts(sources: list[Source], max_samples: int | None, max_record_bytes: int) -> Iterator[str]:
-    """Every text of the training sources (what the built-in model's tokenizer learns from)."""
+def _texts(sources: list[Source], options: DataOptions) -> Iterator[str]:
+    """Every text of the training sources (what the built-in model's tokenizer learns from). Bad records are what
+    ``--on_bad_record`` makes them: an error here is the one the data preparation would give (a source whose only
+    record is bad, such as a .txt file over --max_record_mb, is named for its fault, not as "all 1 were skipped")."""
     seen = 0
     for source in sources:
         for stream in source.streams:
-            records = stream.records(max_record_bytes)
-            for _, item in RecordReader(stream.where, records, "skip", max_record_bytes=max_record_bytes):
-                if max_samples is not None and seen >= max_samples:
+            limit = options.max_record_bytes
+            reader = RecordReader(stream.where, stream.records(limit), options.on_bad_record, max_record_bytes=limit)
+            for _, item in reader:
+                if options.max_samples is not None and seen >= options.max_samples:
                     return
                 seen += 1
                 yield from texts_of(item)
@@ -89,7 +92,7 @@ def setup_data(cfg: Config) -> DataSetup:
     eval_sources = resolve_sources(data.eval_dataset, "train", data.data_dir) if data.eval_dataset else []
     model_path = cfg.model.model_name_or_path
     if is_builtin(model_path):
-        texts = _texts(train_sources, data.max_samples, int(data.max_record_mb * 2**20))
+        texts = _texts(train_sources, data_options(cfg))
         model_path = str(build_tiny_model(model_path, texts,
                                           key=_sources_key(train_sources, data.max_samples)))
     tokenizer = load_tokenizer(model_path, cfg.model.trust_remote_code)
