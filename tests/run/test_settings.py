@@ -48,3 +48,21 @@ def test_a_checkpoint_without_settings_is_resumed_with_a_warning(tmp_path, caplo
     with caplog.at_level(logging.WARNING):
         assert check_resume(tmp_path, OLD, None) == []
     assert "records no run settings" in caplog.text
+
+
+def test_every_setting_is_named_by_a_flag_the_user_can_pass(tmp_path, tiny_model_dir):
+    """A refusal names each change by its flag, and --allow_resume_changes takes that name: the data options are
+    recorded as the flags set them (``--max_record_mb`` in MiB, not the reader's byte count)."""
+    from trainer.args import build_parser, parse_config
+    from trainer.preparation import setup_data
+    from trainer.run.settings import run_settings
+
+    data = tmp_path / "d.jsonl"
+    data.write_text('{"instruction": "q", "output": "a"}\n', encoding="utf-8")
+    cfg = parse_config(["--dataset", str(data), "--model_name_or_path", str(tiny_model_dir), "--max_record_mb", "2",
+                        "--output_dir", str(tmp_path / "out")])
+    settings = run_settings(cfg, setup_data(cfg), world_size=1)
+    assert settings["max_record_mb"] == 2
+    flags = {action.dest for action in build_parser()._actions}
+    named = [n for n in settings if not n.startswith(CONTENT) and n not in ("tokenizer", "template")]
+    assert [n for n in named if n not in flags] == []

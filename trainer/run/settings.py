@@ -57,6 +57,8 @@ def run_settings(cfg: Config, setup: DataSetup, world_size: int) -> dict[str, An
     options = dict(inputs["options"])
     for name, value in (options.pop("template_kwargs") or {}).items():
         settings[name] = value
+    # named as its flag is (--max_record_mb), so that a refusal names an option the user can pass
+    options["max_record_mb"] = options.pop("max_record_bytes") / 2**20
     settings.update(options)  # max_length, packing, seed, val_size, max_samples, system, on_overlong, ...
     args = cfg.training
     settings["global_batch_size"] = args.per_device_train_batch_size * world_size * args.gradient_accumulation_steps
