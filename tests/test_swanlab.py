@@ -68,6 +68,34 @@ def test_a_runs_secrets_come_from_recipes_flags_and_the_environment(tmp_path, mo
     assert cfg.training.hub_token == "hf_fromTheRecipe123"  # the run itself keeps it (push_to_hub needs it)
 
 
+def test_run_config_keeps_its_history_and_no_secret_of_any_start(tmp_path, monkeypatch):
+    """A resumed run's run_config.json keeps the earlier starts under ``history``, written atomically, and is scrubbed
+    whole: the start record and the earlier starts too (one written before the token was known as a secret)."""
+    from trainer.args import parse_config
+    from trainer.data.build import DataReport
+    from trainer.run_config import RUN_CONFIG, write_run_config
+
+    token = "hf_givenByFlag12345"
+    monkeypatch.setenv("GITLAB_API_KEY", "glpat-fromTheEnvironment")
+    out = tmp_path / "out"
+    cfg = parse_config(["--dataset", "x.jsonl", "--hub_token", token, "--output_dir", str(out)])
+    report = DataReport(files=[], skipped_records=[])
+    first = write_run_config(cfg, report, 1, start={"time": "t0", "resumed_from": None})
+    earlier = json.loads(first.read_text(encoding="utf-8"))
+    earlier["note"] = f"pasted {token} and glpat-fromTheEnvironment"  # as an older version could have left it
+    first.write_text(json.dumps(earlier), encoding="utf-8")
+    path = write_run_config(cfg, report, 1, start={"time": "t1", "resumed_from": str(out / "checkpoint-2"),
+                                                   "command": f"sft.py --hub_token {token}"})
+    text = path.read_text(encoding="utf-8")
+    assert token not in text and "glpat-fromTheEnvironment" not in text
+    written = json.loads(text)
+    assert written["start"]["time"] == "t1" and written["start"]["command"] == f"sft.py --hub_token {REDACTED}"
+    assert [h["start"]["time"] for h in written["history"]] == ["t0"]
+    assert written["history"][0]["note"] == f"pasted {REDACTED} and {REDACTED}"
+    assert written["training"]["hub_token"] == REDACTED
+    assert sorted(p.name for p in out.iterdir()) == [RUN_CONFIG]  # no temporary file left beside it
+
+
 # ---------------------------------------------------------------- end to end
 
 
