@@ -90,3 +90,17 @@ def test_every_file_and_folder_is_readable_by_the_team(run):
     private += [f"{p} {stat.filemode(p.stat().st_mode)}" for root in roots for p in [root, *root.rglob("*")]
                 if p.is_dir() and p.stat().st_mode & 0o055 != 0o055]
     assert not private, "not readable by the team:\n" + "\n".join(private)
+
+
+def test_each_checkpoint_is_scrubbed_readable_and_marked_complete(run):
+    """The save overrides compose: a checkpoint's training_args.bin is written without the token and its weights
+    take the umask's mode inside the Trainer's save, before the COMPLETE marker lists every file by size, so the
+    marker vouches for the files as they are and the checkpoint can resume."""
+    from trainer.checkpoints import MARKER, resume_problems
+
+    checkpoints = sorted(run["out"].glob("checkpoint-*"))
+    assert [c.name for c in checkpoints] == ["checkpoint-1", "checkpoint-2"]
+    for checkpoint in checkpoints:
+        assert (checkpoint / MARKER).is_file() and resume_problems(checkpoint) == [], checkpoint
+        assert torch.load(checkpoint / "training_args.bin", weights_only=False).hub_token is None
+        assert all(stat.S_IMODE(p.stat().st_mode) == 0o644 for p in checkpoint.glob("*.safetensors"))
