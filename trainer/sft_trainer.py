@@ -23,6 +23,7 @@ from transformers import Trainer, TrainerCallback
 from trainer.batch import GlobalBatchSampler, with_empty_row
 from trainer.callbacks.checkpoints import CheckpointCallback
 from trainer.callbacks.nonfinite import NonFiniteGuard
+from trainer.callbacks.run_loss import LogEveryCheckpointAndLastStep, run_train_loss
 from trainer.checkpoints import remove_folder
 from trainer.data.templates import IGNORE_INDEX
 from trainer.errors import UserError
@@ -72,6 +73,7 @@ class SFTTrainer(Trainer):
         self.train_sampler: GlobalBatchSampler | None = None
         self._loader_with_empty_row = None  # the training loader's data set: the caller's rows + the empty row
         self.add_callback(_SamplerEpoch(self))
+        self.add_callback(LogEveryCheckpointAndLastStep())  # after the callbacks that request saves and stops
         self.nonfinite = NonFiniteGuard()  # last: it sees the save/stop requests of every other callback
         self.add_callback(self.nonfinite)
         self.chunked_loss = self._decide_loss(loss_impl, tokens_per_micro_batch)
@@ -218,7 +220,15 @@ class SFTTrainer(Trainer):
         if args.should_save:
             readable_weights(output_dir or args.output_dir)
 
+    def train(self, *args, **kwargs):
+        result = super().train(*args, **kwargs)
+        return result._replace(training_loss=result.metrics.get("train_loss", result.training_loss))
+
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
         if "loss" in logs:  # a training log line (all ranks log together, so the all-reduce is safe)
             logs.update(self._throughput())
+        if "train_loss" in logs:  # the summary: over every step of the run, on any number of processes
+            train_loss = run_train_loss(self.state.log_history)
+            if train_loss is not None:
+                logs["train_loss"] = train_loss  # the Trainer's metrics dict itself: train_results.json gets it too
         super().log(logs, start_time)

@@ -25,9 +25,15 @@ def args(data: Path, out: Path, optim: str, ftype: str, *extra: str) -> list[str
     return [DEMO_RECIPE, "--dataset", str(data), "--output_dir", str(out), "--report_to", "none",
             "--sample_prompts", "none", "--max_length", "128", "--per_device_train_batch_size", "2",
             "--global_batch_size", "8",
-            "--max_steps", "3", "--logging_steps", "1", "--save_strategy", "no", "--optim", optim,
+            "--max_steps", "3", "--logging_steps", "2", "--save_strategy", "no", "--optim", optim,
             "--learning_rate", "1e-2" if optim == "sgd" else "1e-3", "--finetuning_type", ftype,
             "--lora_dropout", "0", "--seed", "3", *extra]
+
+
+def train_loss(out: Path) -> float:
+    import json
+
+    return json.loads((out / "train_results.json").read_text())["train_loss"]
 
 
 def weights(out: Path) -> dict[str, torch.Tensor]:
@@ -43,15 +49,15 @@ def relative_difference(a: dict, b: dict) -> float:
 
 @pytest.fixture(scope="module")
 def single_process(tang_slice, tmp_path_factory):
-    """1-process reference runs, made once per (optimizer, fine-tuning type)."""
+    """1-process reference runs, made once per (optimizer, fine-tuning type): their weights and train_loss."""
     cache = {}
 
-    def get(optim: str, ftype: str) -> dict:
+    def get(optim: str, ftype: str, what: str = "weights"):
         if (optim, ftype) not in cache:
             out = tmp_path_factory.mktemp(f"single-{optim}-{ftype}")
             run_sft(*args(tang_slice, out, optim, ftype))
-            cache[optim, ftype] = weights(out)
-        return cache[optim, ftype]
+            cache[optim, ftype] = {"weights": weights(out), "train_loss": train_loss(out)}
+        return cache[optim, ftype][what]
 
     return get
 
@@ -72,6 +78,9 @@ def test_two_processes_match_one(launch, optim, ftype, single_process, tang_slic
     assert "Num examples = 22" in result.stderr  # the empty rows are no examples
     difference = relative_difference(single_process(optim, ftype), weights(out))
     assert difference < 1e-5, f"{launch} {optim} {ftype}: relative weight difference {difference:.2e}"
+    # The summary covers every step on every rank: step 3 follows the last --logging_steps 2 line, and the
+    # Trainer's own summary added one rank's share of it, ungathered.
+    assert train_loss(out) == pytest.approx(single_process(optim, ftype, "train_loss"), rel=1e-6)
     if ftype == "lora":  # the adapter is real (not the empty ZeRO-3 adapter of peers' issue trackers) and loads
         from peft import PeftModel
         from transformers import AutoModelForCausalLM

@@ -45,6 +45,12 @@ def losses(out: Path) -> list[float]:
     return [h["loss"] for h in json.loads((out / "trainer_state.json").read_text())["log_history"] if "loss" in h]
 
 
+def train_loss(out: Path) -> float:
+    import json
+
+    return json.loads((out / "train_results.json").read_text())["train_loss"]
+
+
 @pytest.mark.parametrize("nproc", [1, 2], ids=["1proc", "ddp2"])
 def test_sigkill_then_resume_equals_uninterrupted(nproc, tang_slice, tmp_path):
     reference = tmp_path / "reference"
@@ -60,6 +66,8 @@ def test_sigkill_then_resume_equals_uninterrupted(nproc, tang_slice, tmp_path):
     run_sft(*common(tang_slice, killed), "--resume_from_checkpoint", "latest", nproc=nproc)
     assert max_relative_difference(reference, killed) < 1e-6
     assert losses(killed)[-3:] == pytest.approx(losses(reference)[-3:], rel=1e-6)
+    # The summary covers the whole run, not only the steps after the checkpoint.
+    assert train_loss(killed) == pytest.approx(train_loss(reference), rel=1e-6)
 
 
 def test_sigterm_saves_a_loadable_checkpoint_and_exits_75(tang_slice, tmp_path):
