@@ -111,3 +111,38 @@ def test_tang_test_set_with_its_ground_truth_file(memorised, tmp_path):
     assert evaluate.main(["--model", str(out), "--input_file", str(DEMO_TEST), "--references", str(DEMO_TEST_GT),
                           "--metrics_file", str(metrics_file), "--max_new_tokens", "8"]) == 0
     assert json.loads(metrics_file.read_text())["count"] == 5
+
+
+def test_evaluate_compare_base_and_the_runs_samples_give_the_same_replies_and_scores(tiny_model_dir, tmp_path):
+    """The same model and prompts answered as the run's before/after samples and by ``evaluate.py --compare``,
+    each with its defaults (the run's sample_max_new_tokens and system prompt from run_config.json): the same
+    replies, the same scores. (They used to differ: the samples avoided repeated trigrams and evaluate.py did not,
+    so an untrained model looped and scored 0.0000 there while samples.md scored it 0.0216.)"""
+    import shutil
+
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from tests.conftest import DEMO_TEST, DEMO_TEST_GT
+    from trainer.data.prompts import read_prompts, with_references
+    from trainer.data.templates import end_of_turn_token_id
+    from trainer.samples import SampleRecorder
+
+    run = tmp_path / "run"
+    shutil.copytree(tiny_model_dir, run)
+    system = "你是一個擅長寫唐詩的助手。"
+    (run / "run_config.json").write_text(json.dumps({"data": {"sample_max_new_tokens": 24, "system": system}}),
+                                         encoding="utf-8")
+    tokenizer = AutoTokenizer.from_pretrained(run)
+    stop_ids = sorted({tokenizer.eos_token_id, end_of_turn_token_id(tokenizer, tokenizer.chat_template)} - {None})
+    samples = SampleRecorder(with_references(read_prompts(DEMO_TEST, system), DEMO_TEST_GT), tokenizer, stop_ids,
+                             24, evaluate.DEFAULT_METRICS)
+    samples.record("before", AutoModelForCausalLM.from_pretrained(run))
+
+    metrics_file = tmp_path / "eval" / "metrics.json"
+    assert evaluate.main(["--model", str(run), "--compare", str(run), "--input_file", str(DEMO_TEST),
+                          "--references", str(DEMO_TEST_GT), "--metrics_file", str(metrics_file)]) == 0
+    rows = [json.loads(line) for line in (metrics_file.parent / "predictions.jsonl").read_text().splitlines()]
+    summary = json.loads(metrics_file.read_text())
+    assert [r["base_prediction"] for r in rows] == [r["prediction"] for r in rows] == samples.replies["before"]
+    assert summary["base"]["metrics"] == summary["metrics"] == samples.scores["before"]
+    assert any(v > 0 for v in samples.scores["before"].values()), samples.scores  # not a loop scoring 0 everywhere

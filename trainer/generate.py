@@ -38,9 +38,11 @@ from trainer.inference import adapter_base, is_adapter, is_model, load_for_infer
 from trainer.merge import DTYPES, stop_token_ids
 from trainer.model import resize_for_tokenizer
 from trainer.run_config import read_run_config
-from trainer.sampling import default_generation_config, generate_replies
+from trainer.sampling import NO_REPEAT_NGRAM_SIZE, default_generation_config, generate_replies
 
 logger = logging.getLogger("generate")
+
+DEFAULT_MAX_NEW_TOKENS = 128  # for a model that no run of this trainer wrote (no run_config.json)
 
 
 class GenerateError(UserError, ValueError):
@@ -204,7 +206,9 @@ def add_model_options(parser: argparse.ArgumentParser) -> None:
 def add_generation_options(parser: argparse.ArgumentParser) -> None:
     """How replies are generated (transformers GenerationConfig; shared with ``evaluate.py``)."""
     gen = parser.add_argument_group("generation (transformers GenerationConfig)")
-    gen.add_argument("--max_new_tokens", type=int, default=128, help="Longest reply in tokens.")
+    gen.add_argument("--max_new_tokens", type=int, default=None,
+                     help="Longest reply in tokens (default: the run's --sample_max_new_tokens, as its samples.md; "
+                     f"{DEFAULT_MAX_NEW_TOKENS} for a model without a run_config.json).")
     gen.add_argument("--batch_size", type=int, default=16,
                      help="Prompts generated together (left-padded, similar lengths batched together).")
     gen.add_argument("--do_sample", action=argparse.BooleanOptionalAction, default=None,
@@ -214,7 +218,8 @@ def add_generation_options(parser: argparse.ArgumentParser) -> None:
     gen.add_argument("--top_p", type=float, default=None, help="Nucleus sampling threshold (notebook: 0.3).")
     gen.add_argument("--top_k", type=int, default=None, help="Sample among the k likeliest tokens.")
     gen.add_argument("--no_repeat_ngram_size", type=int, default=None,
-                     help="Never repeat an n-gram of this size (notebook: 3).")
+                     help=f"Never repeat an n-gram of this size (default {NO_REPEAT_NGRAM_SIZE}, as the notebook and "
+                     "the run's samples; 0: off).")
     gen.add_argument("--repetition_penalty", type=float, default=None, help="Penalty > 1 discourages repeats.")
     gen.add_argument("--num_beams", type=int, default=None, help="Beam search width (1 = none).")
     gen.add_argument("--seed", type=int, default=42,
@@ -248,8 +253,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def generation_config(args: argparse.Namespace, tokenizer: PreTrainedTokenizerBase) -> GenerationConfig:
+    """The settings of :func:`~trainer.sampling.default_generation_config` (those of the run's samples) with the
+    options given; ``--max_new_tokens`` defaults to the run's ``sample_max_new_tokens``."""
+    max_new_tokens = args.max_new_tokens or training_max_new_tokens(args.model)
     return default_generation_config(
-        tokenizer, args.max_new_tokens, do_sample=args.do_sample, temperature=args.temperature, top_p=args.top_p,
+        tokenizer, max_new_tokens, do_sample=args.do_sample, temperature=args.temperature, top_p=args.top_p,
         top_k=args.top_k, no_repeat_ngram_size=args.no_repeat_ngram_size, num_beams=args.num_beams,
         repetition_penalty=args.repetition_penalty,
     )
@@ -322,6 +330,12 @@ class Generator:
                 print(f"[after] {show(self.answer(self.model, items)[0])}", flush=True)
             else:
                 print(show(self.answer(self.model, items)[0]), flush=True)
+
+
+def training_max_new_tokens(model: str | Path) -> int:
+    """The ``--sample_max_new_tokens`` a run's before/after samples were generated with, else the default."""
+    config = read_run_config(model) or {}
+    return int(config.get("data", {}).get("sample_max_new_tokens") or DEFAULT_MAX_NEW_TOKENS)
 
 
 def training_system_prompt(model: str | Path) -> str | None:

@@ -67,8 +67,8 @@ class SampleRecorder:
         self.prompts = prompts
         self.tokenizer = tokenizer
         self.stop_ids = stop_ids
-        # Greedy with no repeated trigram, as the Tang notebook decodes: untrained models otherwise loop on one token.
-        self.config = default_generation_config(tokenizer, max_new_tokens, no_repeat_ngram_size=3)
+        # The settings evaluate.py and generate.py use too (greedy, no repeated trigram): the same scores there.
+        self.config = default_generation_config(tokenizer, max_new_tokens)
         self.replies: dict[str, list[str]] = {}
         self.latest: tuple[str, list[str]] | None = None
         self.metrics = metrics if prompts and all(p.reference for p in prompts) else None
