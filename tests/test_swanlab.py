@@ -144,6 +144,26 @@ def logged_scalars(run_dir: Path) -> dict[str, dict[int, float]]:
     return scalars
 
 
+def chart_keys_in_order(run_dir: Path) -> list[str]:
+    """The keys of the run's charts in the order SwanLab created them (the order the dashboard shows them)."""
+    from swanlab.proto.swanlab.record.v1.record_pb2 import Record
+    from swanlab.sdk.internal.core_python.store import DataStoreReader
+
+    (store,) = run_dir.glob("run-*.swanlab")
+    reader = DataStoreReader()
+    reader.open(store)
+    keys: list[str] = []
+    try:
+        while (raw := reader.scan()) is not None:
+            record = Record()
+            record.ParseFromString(raw)
+            if record.WhichOneof("record_type") == "column" and record.column.column_key not in keys:
+                keys.append(record.column.column_key)
+    finally:
+        reader.close()
+    return keys
+
+
 def logged_config(run_dir: Path) -> dict:
     loaded = yaml.safe_load((run_dir / "files" / "config.yaml").read_text(encoding="utf-8"))
     return {key: entry["value"] for key, entry in loaded.items()}
@@ -181,12 +201,36 @@ def assert_one_run_with_state_losses(out: Path, world_size: int) -> Path:
 
 @pytest.mark.slow
 def test_offline_run_logs_trainer_losses_and_never_the_api_key(job):
+    """Also the dashboard's layout, with an evaluation and scored samples: it opens on train/loss and eval/loss;
+    single values (final figures, sample scores) are results in the config and a text, not one-dot charts."""
+    from tests.conftest import DEMO_TEST, DEMO_TEST_GT
+
     out = job["out"]
-    output = run([sys.executable, "trainer/sft.py", *job["args"], "--swanlab_mode", "offline",
-                  "--per_device_train_batch_size", "4"], job["env"])
+    args = [arg for arg in job["args"] if arg != "none"]  # the samples are on here
+    args.remove("--sample_prompts")
+    output = run([sys.executable, "trainer/sft.py", *args, "--swanlab_mode", "offline",
+                  "--per_device_train_batch_size", "4", "--val_size", "8", "--eval_strategy", "steps",
+                  "--eval_steps", "2", "--sample_prompts", str(DEMO_TEST), "--sample_references", str(DEMO_TEST_GT),
+                  "--num_sample_prompts", "2", "--sample_max_new_tokens", "8", "--eval_metrics", "rouge_l,chrf"],
+                 job["env"])
     assert "world size 1" in output
-    assert_one_run_with_state_losses(out, world_size=1)
+    run_dir = assert_one_run_with_state_losses(out, world_size=1)
     assert_key_nowhere(out, output)
+
+    keys = chart_keys_in_order(run_dir)
+    assert keys[:4] == ["train/loss", "train/learning_rate", "train/grad_norm", "eval/loss"], keys
+    assert {"samples/before", "samples/after", "results", "train/tokens_per_second"} <= set(keys)
+    assert not [k for k in keys if k.startswith(("single_value/", "samples/before_", "samples/after_"))
+                or k in ("train/global_step", "train/train_loss", "train/total_flos")], keys
+    scalars = logged_scalars(run_dir)
+    assert all(len(scalars[k]) > 1 for k in scalars if not k.startswith("eval/")), \
+        {k: v for k, v in scalars.items() if len(v) == 1}
+    results = logged_config(run_dir)["results"]
+    train_results = json.loads((out / "train_results.json").read_text())
+    assert results["train_loss"] == pytest.approx(train_results["train_loss"])
+    samples = json.loads((out / "samples_metrics.json").read_text())
+    assert results["samples_before_rouge_l"] == pytest.approx(samples["before"]["rouge_l"])
+    assert results["samples_after_chrf"] == pytest.approx(samples["after"]["chrf"])
 
 
 @pytest.mark.slow

@@ -15,6 +15,9 @@ On top of the integration this adds what a fine-tuning run needs to be judged an
   (``--hub_token …``) its runtime probe is switched off and the scrubbed command line is in the config instead;
 - the sample generations (prompt, reference, output) before training, at each evaluation and after training,
   as ``swanlab.Text``;
+- a dashboard that opens on train/loss and the evaluation, with single values (the run's final figures, the
+  samples' scores before and after) as results in the config and one text table rather than single-dot charts
+  (:mod:`trainer.callbacks.swanlab_layout`);
 - our mode names (``cloud`` is SwanLab's ``online``) and a fallback from ``local`` to ``offline`` when the dashboard
   package is missing, because a missing viewer should not stop a long training job.
 """
@@ -33,6 +36,7 @@ import swanlab
 from swanlab.integration.transformers import SwanLabCallback
 from transformers import TrainerCallback
 
+from trainer.callbacks.swanlab_layout import Batch, DashboardLayout
 from trainer.run_config import resolved_config, run_secrets, scrub
 
 if TYPE_CHECKING:
@@ -100,6 +104,7 @@ class SFTSwanLabCallback(SwanLabCallback):
         self._last_step = 0
         self._mode = init_kwargs.get("mode")
         self._configured = False
+        self._layout: DashboardLayout | None = None  # made at setup, when the arguments say whether it evaluates
 
     def setup(self, args: Any, state: Any, model: Any = None) -> None:
         try:
@@ -121,16 +126,25 @@ class SFTSwanLabCallback(SwanLabCallback):
         if self._configured or not _is_main(state):
             return  # already set up, or not the world-zero process
         self._configured = True
+        self._layout = DashboardLayout(evaluates=args.eval_strategy != "no")
         self.update_config(scrub({**self._config, **_model_facts(model)}, self._secrets))
         # Registered after swanlab.init, so it runs before SwanLab's own exit hook (atexit is last-in first-out).
         atexit.register(self._finish)
-        self._log_new_samples(0)
+        # The "before" samples wait for the first log line: the dashboard opens on the loss, not on them.
 
     def on_log(self, args, state, control, model=None, logs=None, **kwargs) -> None:
+        """The Trainer's log line, laid out by :class:`DashboardLayout` (not the integration's one chart per key)."""
         self._last_step = state.global_step
-        super().on_log(args, state, control, model=model, logs=logs, **kwargs)
-        if _is_main(state):
-            self._log_new_generations()
+        self.setup(args, state, model)
+        if not logs or not _is_main(state) or self._layout is None:
+            return
+        self._send(self._layout.log_line(logs, state.global_step))
+        self._log_new_samples(state.global_step)
+        self._log_new_generations()
+
+    def _send(self, batches: list[Batch]) -> None:
+        for data, step in batches:
+            swanlab.log(data, step=step)
 
     def _log_new_generations(self) -> None:
         """The predictions of the latest generation-based evaluation, as text beside its scores."""
@@ -142,11 +156,12 @@ class SFTSwanLabCallback(SwanLabCallback):
         secrets = self._secrets
         texts = [swanlab.Text(scrub(sample_text(prompt, reply), secrets), caption=f"step {step} #{i + 1}")
                  for i, (prompt, reply) in enumerate(zip(self._generations.prompts, replies))]
-        swanlab.log({"eval/predictions": texts}, step=step)
+        self._send(self._layout.secondary({"eval/predictions": texts}, step))
 
     def on_evaluate(self, args, state, control, metrics=None, **kwargs) -> None:
-        super().on_evaluate(args, state, control, metrics=metrics, **kwargs)
-        if _is_main(state):  # sample generation for this evaluation ran in an earlier callback
+        # The metrics reached on_log just before (the Trainer logs them, then calls back): only the samples here.
+        self.setup(args, state, kwargs.get("model"))
+        if _is_main(state) and self._layout is not None:  # this evaluation's samples were made by an earlier callback
             self._last_step = state.global_step
             self._log_new_samples(self._last_step)
 
@@ -154,7 +169,7 @@ class SFTSwanLabCallback(SwanLabCallback):
         self._last_step = state.global_step
 
     def _log_new_samples(self, step: int) -> None:
-        if self._samples is None or not self._samples.prompts:
+        if self._samples is None or not self._samples.prompts or self._layout is None:
             return
         secrets = self._secrets
         for stage, replies in list(self._samples.replies.items()):
@@ -166,16 +181,24 @@ class SFTSwanLabCallback(SwanLabCallback):
                 swanlab.Text(scrub(sample_text(prompt, reply), secrets), caption=f"{stage} #{i + 1}")
                 for i, (prompt, reply) in enumerate(zip(self._samples.prompts, replies))
             ]
-            scores = {f"samples/{stage}_{name}": value for name, value in self._samples.scores.get(stage, {}).items()
-                      if stage in ("before", "after")}
-            swanlab.log({key: texts, **scores}, step=step)
+            if stage in ("before", "after"):  # single values: results, not charts of one dot
+                self._layout.add_results({f"samples_{stage}_{name}": value
+                                          for name, value in self._samples.scores.get(stage, {}).items()})
+            self._send(self._layout.secondary({key: texts}, 0 if stage == "before" else step))
 
     def _finish(self) -> None:
-        """Log the samples made after training (if any) and close the run while the process is still whole."""
+        """Log the samples made after training (if any) and the results, and close the run while the process is
+        still whole."""
         if not swanlab.has_run():
             return
         try:
-            self._log_new_samples(self._last_step)
+            if self._layout is not None:
+                self._log_new_samples(self._last_step)
+                self._send(self._layout.flush())
+                if self._layout.results:
+                    self.update_config({"results": self._layout.results})
+                    text = scrub(self._layout.results_text(), self._secrets)
+                    swanlab.log({"results": swanlab.Text(text, caption="results")}, step=self._last_step)
         finally:
             swanlab.finish()
 
