@@ -22,3 +22,10 @@ def test_a_save_or_the_last_step_is_logged(save, stop, logged, tmp_path):
     args = TrainingArguments(output_dir=str(tmp_path), report_to="none")
     LogEveryCheckpointAndLastStep().on_step_end(args, TrainerState(), control)
     assert control.should_log is logged
+
+
+def test_no_log_is_forced_when_logging_is_off(tmp_path):
+    control = TrainerControl(should_save=True, should_training_stop=True)
+    args = TrainingArguments(output_dir=str(tmp_path), report_to="none", logging_strategy="no")
+    LogEveryCheckpointAndLastStep().on_step_end(args, TrainerState(), control)
+    assert control.should_log is False

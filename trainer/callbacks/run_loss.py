@@ -24,15 +24,16 @@ class LogEveryCheckpointAndLastStep(TrainerCallback):
     """Ask the Trainer to log at every step it saves or stops at: no step of the run goes unlogged.
 
     Placed after the callbacks that request saves and stops (the default flow, preemption), so it sees their flags.
+    With ``--logging_strategy no`` nothing is forced (and ``train_loss`` stays the Trainer's own).
     """
 
     def on_step_end(self, args, state, control, **kwargs):
-        if control.should_save or control.should_training_stop:
+        if (control.should_save or control.should_training_stop) and args.logging_strategy != "no":
             control.should_log = True
         return control
 
     def on_epoch_end(self, args, state, control, **kwargs):
-        if control.should_save:
+        if control.should_save and args.logging_strategy != "no":
             control.should_log = True
         return control
 
