@@ -27,6 +27,7 @@ from trainer.callbacks.run_loss import LogEveryCheckpointAndLastStep, run_train_
 from trainer.checkpoints import remove_folder
 from trainer.data.templates import IGNORE_INDEX
 from trainer.errors import UserError
+from trainer.eval_loss import TokenWeightedEvalLoss
 from trainer.file_modes import readable_weights
 from trainer.loss import CHUNKED_MIN_LOGITS, causal_lm_loss, chunked_lm_loss_unsupported
 from trainer.run.decide import barrier
@@ -74,6 +75,7 @@ class SFTTrainer(Trainer):
         self._loader_with_empty_row = None  # the training loader's data set: the caller's rows + the empty row
         self.add_callback(_SamplerEpoch(self))
         self.add_callback(LogEveryCheckpointAndLastStep())  # after the callbacks that request saves and stops
+        self.eval_loss = TokenWeightedEvalLoss()
         self.nonfinite = NonFiniteGuard()  # last: it sees the save/stop requests of every other callback
         self.add_callback(self.nonfinite)
         self.chunked_loss = self._decide_loss(loss_impl, tokens_per_micro_batch)
@@ -180,9 +182,28 @@ class SFTTrainer(Trainer):
             loss = causal_lm_loss(model, inputs, num_items_in_batch if counted else None)
             if counted and self.args.average_tokens_across_devices:
                 loss = loss * (self.accelerator.num_processes // self.get_tp_size())
+            if not model.training:
+                self.eval_loss.add(None, None, self.accelerator.gather_for_metrics)  # no logits to count with
             return (loss, {"loss": loss}) if return_outputs else loss
-        return super().compute_loss(model, inputs, return_outputs=return_outputs,
-                                    num_items_in_batch=num_items_in_batch)
+        result = super().compute_loss(model, inputs, return_outputs=return_outputs,
+                                      num_items_in_batch=num_items_in_batch)
+        if not model.training and return_outputs:
+            outputs = result[1]
+            logits = outputs.get("logits") if isinstance(outputs, dict) else None
+            self.eval_loss.add(logits, inputs.get("labels"), self.accelerator.gather_for_metrics)
+        return result
+
+    def evaluation_loop(self, *args, **kwargs):
+        """The Trainer's loop, with ``<prefix>_loss`` token-weighted over all ranks (:mod:`trainer.eval_loss`)."""
+        self.eval_loss.start()
+        try:
+            output = super().evaluation_loop(*args, **kwargs)
+        finally:
+            loss = self.eval_loss.finish()
+        prefix = kwargs.get("metric_key_prefix", args[4] if len(args) > 4 else "eval")
+        if loss is not None and f"{prefix}_loss" in output.metrics:
+            output.metrics[f"{prefix}_loss"] = loss
+        return output
 
     def _count_tokens(self, inputs) -> None:
         if self._since is None:

@@ -165,7 +165,7 @@ def _generations(out: Path) -> list[list[str]]:
 @pytest.mark.parametrize("launch", ["ddp", "zero3"])
 def test_generation_scores_at_evaluation_on_two_processes(launch, tang_slice, tmp_path):
     """--eval_generate under DDP and ZeRO-3 (every rank generates its share, synced under ZeRO-3): the same
-    predictions and scores as one process, logged once."""
+    predictions and scores as one process, logged once; and the same eval_loss."""
     import json
 
     extra = ("--val_size", "16", "--eval_strategy", "steps", "--eval_steps", "2", "--eval_generate", "5",
@@ -183,3 +183,8 @@ def test_generation_scores_at_evaluation_on_two_processes(launch, tang_slice, tm
                  if "eval_rouge_l" in h]
     assert [h["step"] for h in scored] == [h["step"] for h in reference] == [2, 3]  # logged once per evaluation
     assert [h["eval_chrf"] for h in scored] == [h["eval_chrf"] for h in reference]
+    # eval_loss weighs every token alike over all ranks: the batches of 2 processes are not those of 1.
+    eval_losses = [h["eval_loss"] for h in history if "eval_loss" in h]
+    reference_losses = [h["eval_loss"] for h in json.loads((single / "trainer_state.json").read_text())["log_history"]
+                        if "eval_loss" in h]
+    assert len(eval_losses) == 2 and eval_losses == pytest.approx(reference_losses, rel=1e-6)
