@@ -17,7 +17,9 @@ def _batch(seed: int, rows: int, labelled: int):
     return logits, labels
 
 
-def test_the_loss_is_the_mean_over_tokens_not_over_batches():
+@pytest.mark.parametrize("chunk", [256, 3])  # 3: the labelled positions are taken a few at a time
+def test_the_loss_is_the_mean_over_tokens_not_over_batches(chunk, monkeypatch):
+    monkeypatch.setattr("trainer.eval_loss._CHUNK_TOKENS", chunk)
     batches = [_batch(0, 2, 5), _batch(1, 3, 2)]  # 5 and 2 labelled positions a row: batch means weigh unlike
     loss = TokenWeightedEvalLoss()
     assert loss.finish() is None

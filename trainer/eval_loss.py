@@ -20,6 +20,8 @@ import torch.nn.functional as F
 
 from trainer.data.templates import IGNORE_INDEX
 
+_CHUNK_TOKENS = 256
+
 
 class TokenWeightedEvalLoss:
     def __init__(self) -> None:
@@ -39,9 +41,16 @@ class TokenWeightedEvalLoss:
             self._complete = False
             return
         targets = F.pad(labels, (0, 1), value=IGNORE_INDEX)[..., 1:].to(logits.device)
-        losses = F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), ignore_index=IGNORE_INDEX,
-                                 reduction="none").view(targets.shape)
-        sums, counts = gather((losses.sum(-1).double(), (targets != IGNORE_INDEX).sum(-1).double()))
+        rows, length = targets.shape
+        flat_logits, flat_targets = logits.flatten(0, 1), targets.flatten()
+        labelled = (flat_targets != IGNORE_INDEX).nonzero().squeeze(1)
+        sums = torch.zeros(rows, dtype=torch.float64, device=logits.device)
+        # A few labelled positions at a time: an fp32 copy of all the logits (5 GB for 8k tokens of a 150k-token
+        # vocabulary) would raise the evaluation's peak memory.
+        for chunk in labelled.split(_CHUNK_TOKENS):
+            losses = F.cross_entropy(flat_logits[chunk].float(), flat_targets[chunk], reduction="none")
+            sums.index_add_(0, torch.div(chunk, length, rounding_mode="floor"), losses.double())
+        sums, counts = gather((sums, (targets != IGNORE_INDEX).sum(-1).double()))
         self._sum += float(sums.sum())
         self._count += float(counts.sum())
 
