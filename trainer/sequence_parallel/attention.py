@@ -61,8 +61,12 @@ def enable_ulysses(model: torch.nn.Module, attn_implementation: str, size: int, 
 
     Needs the distributed set-up done (DeepSpeed's communication initialised): call after ``TrainingArguments``.
     """
+    import deepspeed.comm
     from deepspeed.runtime.sequence_parallel.ulysses_sp import UlyssesSPAttentionHF
     from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+    if not deepspeed.comm.is_initialized():  # ZeRO-3 set it up at model load; ZeRO-1/2 only in deepspeed.initialize
+        deepspeed.comm.init_distributed(dist_backend=torch.distributed.get_backend(), verbose=False)
 
     original = ALL_ATTENTION_FUNCTIONS[attn_implementation]
     mpu = UlyssesSPAttentionHF.register_with_transformers(
