@@ -218,6 +218,8 @@ def train(cfg: Config, folder: RunFolder, world_size: int) -> int:
                        args.output_dir)
         return PREEMPTED_EXIT_CODE
 
+    if ulysses is not None:
+        logger.info("%s", ulysses.padding_summary())
     trainer.save_model()
     trainer.save_state()
     trainer.log_metrics("train", result.metrics)

@@ -21,7 +21,7 @@ from collections.abc import Iterator
 
 import torch
 
-from trainer.sequence_parallel.shard import shard_batch
+from trainer.sequence_parallel.shard import padding_for, shard_batch
 
 logger = logging.getLogger("sft")
 
@@ -34,6 +34,9 @@ class SequenceParallel:
         self.rank = rank
         self.pad_token_id = pad_token_id
         self.attention_calls = 0  # Ulysses calls while active: 0 after a step means the model bypassed it
+        self.micro_batches = 0  # training micro-batches sharded by this rank ...
+        self.padded_micro_batches = 0  # ... those whose length was not a multiple of the group size ...
+        self.padding_positions = 0  # ... and the positions added to them (no label: never trained)
         self._active = False
 
     @contextlib.contextmanager
@@ -52,7 +55,24 @@ class SequenceParallel:
         """
         if num_items_in_batch is not None:
             num_items_in_batch = num_items_in_batch / self.size
+        rows, length = inputs["input_ids"].shape
+        pad = padding_for(length, self.size)
+        self.micro_batches += 1
+        self.padded_micro_batches += bool(pad)
+        self.padding_positions += pad * rows
         return shard_batch(inputs, self.size, self.rank, self.pad_token_id), num_items_in_batch
+
+
+    def padding_summary(self) -> str:
+        """What the padding to a multiple of the group size added over all ranks (a collective: call on every rank)."""
+        counts = torch.tensor([self.micro_batches, self.padded_micro_batches, self.padding_positions],
+                              dtype=torch.float64)
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            counts = counts.to("cuda" if torch.distributed.get_backend() == "nccl" else "cpu")
+            torch.distributed.all_reduce(counts)
+        batches, padded, positions = (int(c) // self.size for c in counts.tolist())  # each group counted it N times
+        return (f"sequence parallel {self.size}: {padded} of {batches} micro-batches padded to a multiple of "
+                f"{self.size} tokens, {positions} padding positions in all (no label: never trained)")
 
 
 def enable_ulysses(model: torch.nn.Module, attn_implementation: str, size: int, micro_batch: int,
