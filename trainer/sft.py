@@ -173,8 +173,10 @@ def train(cfg: Config, folder: RunFolder, world_size: int) -> int:
     if sequence_parallel > 1:
         from trainer.sequence_parallel.attention import enable_ulysses
 
-        ulysses = enable_ulysses(model, model.config._attn_implementation, sequence_parallel,
-                                 args.per_device_train_batch_size, tokenizer.pad_token_id)
+        attn = model.config._attn_implementation
+        flattened = cfg.data.padding_free or (cfg.data.packing and attn.startswith("flash_attention"))
+        ulysses = enable_ulysses(model, attn, sequence_parallel, 1 if flattened else args.per_device_train_batch_size,
+                                 tokenizer.pad_token_id)
         logger.info("%s", describe(sequence_parallel, world_size, args.deepspeed_plugin.zero_stage))
 
     samples = SampleRecorder(load_sample_prompts(cfg), tokenizer, stop_ids, cfg.data.sample_max_new_tokens,
