@@ -152,7 +152,8 @@ def train(cfg: Config, folder: RunFolder, world_size: int) -> int:
                           "(--val_size or --eval_dataset) and --eval_strategy steps or epoch")
     tokenizer, template = setup.tokenizer, setup.template
 
-    check_model(setup.model_path, cfg.model.attn_implementation, sequence_parallel, cfg.model.trust_remote_code)
+    check_model(setup.model_path, cfg.model.attn_implementation, sequence_parallel, cfg.model.trust_remote_code,
+                cfg.data.max_length)
     model = load_model(setup.model_path, finetuning_type=cfg.finetune.finetuning_type,
                        attn_implementation=cfg.model.attn_implementation, dtype=cfg.model.dtype,
                        trust_remote_code=cfg.model.trust_remote_code)
