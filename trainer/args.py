@@ -208,6 +208,12 @@ class FinetuneArguments:
             "command line wins over a recipe's global_batch_size; both on the same level must agree."
         },
     )
+    sequence_parallel_size: int = field(
+        default=1,
+        metadata={"help": "Split each row across N ranks (DeepSpeed Ulysses: sequence shards, heads shared out around "
+                  "attention) for rows too long for one GPU's activations. Needs a DeepSpeed launch with a multiple "
+                  "of N processes; data-parallel size = processes / N, and --global_batch_size still counts rows."},
+    )
     overwrite_output_dir: bool = field(
         default=False,
         metadata={"help": "Start over in an output dir that holds a finished or unfinished run. The old run is moved "

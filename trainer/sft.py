@@ -39,6 +39,7 @@ from trainer.run.settings import check_resume, run_settings
 from trainer.run_config import write_run_config
 from trainer.samples import SampleRecorder, load_sample_prompts
 from trainer.sampling import default_generation_config
+from trainer.sequence_parallel.layout import check_launch, check_model, describe
 from trainer.sft_trainer import SFTTrainer
 
 logger = logging.getLogger("sft")
@@ -68,9 +69,11 @@ def apply_global_batch(cfg: Config, world_size: int) -> None:
             f"would train alone. On CPU, launch with --multi_gpu (or launch/cpu_*.yaml) and keep --use_cpu true"
         )
     global_batch = cfg.finetune.global_batch_size
+    sequence_parallel = cfg.finetune.sequence_parallel_size
+    data_parallel = world_size // sequence_parallel  # the rows of a step are shared by the data-parallel ranks
     batch_from = cfg.sources.get("global_batch_size")
     accumulation_from = cfg.sources.get("gradient_accumulation_steps")
-    per_step = args.per_device_train_batch_size * world_size
+    per_step = args.per_device_train_batch_size * data_parallel
     if global_batch and accumulation_from:
         if accumulation_from == "command line" and batch_from != "command line":
             logger.info("--gradient_accumulation_steps %d (command line) wins over global_batch_size %d (%s)",
@@ -80,12 +83,13 @@ def apply_global_batch(cfg: Config, world_size: int) -> None:
             raise ConfigError(
                 f"--global_batch_size {global_batch} and --gradient_accumulation_steps "
                 f"{args.gradient_accumulation_steps} ({batch_from}) disagree: {args.per_device_train_batch_size} "
-                f"per device x {world_size} processes x {args.gradient_accumulation_steps} accumulation = "
+                f"per device x {data_parallel} data-parallel processes x {args.gradient_accumulation_steps} "
+                f"accumulation = "
                 f"{per_step * args.gradient_accumulation_steps}; give only one of them"
             )
     if global_batch:
         args.gradient_accumulation_steps = gradient_accumulation_for(
-            global_batch, args.per_device_train_batch_size, world_size
+            global_batch, args.per_device_train_batch_size, data_parallel
         )
     global_batch = per_step * args.gradient_accumulation_steps
     # Every rank says who it is (not only the main one): a launch that silently started one process, or two
@@ -93,8 +97,10 @@ def apply_global_batch(cfg: Config, world_size: int) -> None:
     print(f"[rank{os.environ.get('RANK', '0')}] world size {world_size}, rank {os.environ.get('RANK', '0')}, "
           f"local rank {os.environ.get('LOCAL_RANK', '0')}, node rank {os.environ.get('GROUP_RANK', '0')}, "
           f"device {args.device}", file=sys.stderr, flush=True)
-    logger.info("global batch %d = %d per device x %d processes x %d accumulation", global_batch,
-                args.per_device_train_batch_size, world_size, args.gradient_accumulation_steps)
+    processes = (f"{data_parallel} data-parallel ranks ({world_size} processes / sequence parallel "
+                 f"{sequence_parallel})" if sequence_parallel > 1 else f"{world_size} processes")
+    logger.info("global batch %d = %d per device x %s x %d accumulation", global_batch,
+                args.per_device_train_batch_size, processes, args.gradient_accumulation_steps)
 
 
 def collator_for(cfg: Config, attn: str, pad_token_id: int):
@@ -116,6 +122,7 @@ def run(cfg: Config) -> int:
         raise ConfigError("--use_liger_kernel: Liger's kernels are Triton programs for CUDA GPUs and cannot run on "
                           "this machine; leave it off (or use --loss_impl chunked for the memory of the LM head)")
     world_size = world_size_from_env()
+    check_launch(cfg, world_size)
     apply_global_batch(cfg, world_size)
     with RunFolder(cfg, is_main=args.process_index == 0) as folder:  # one run per folder, from here to the end
         return train(cfg, folder, world_size)
@@ -135,7 +142,8 @@ def train(cfg: Config, folder: RunFolder, world_size: int) -> int:
     setup = setup_data(cfg)
     data = prepare(cfg, setup, show_progress=args.process_index == 0)
     logger.info("%s", data.report.summary())
-    settings = run_settings(cfg, setup, world_size)
+    sequence_parallel = cfg.finetune.sequence_parallel_size
+    settings = run_settings(cfg, setup, world_size // sequence_parallel)
     accepted = check_resume(resume, settings, cfg.finetune.allow_resume_changes) if resume else []
     if data.eval is None and args.eval_strategy != "no":
         raise ConfigError(f"--eval_strategy {args.eval_strategy} needs evaluation data: --val_size or --eval_dataset")
@@ -144,6 +152,7 @@ def train(cfg: Config, folder: RunFolder, world_size: int) -> int:
                           "(--val_size or --eval_dataset) and --eval_strategy steps or epoch")
     tokenizer, template = setup.tokenizer, setup.template
 
+    check_model(setup.model_path, cfg.model.attn_implementation, sequence_parallel, cfg.model.trust_remote_code)
     model = load_model(setup.model_path, finetuning_type=cfg.finetune.finetuning_type,
                        attn_implementation=cfg.model.attn_implementation, dtype=cfg.model.dtype,
                        trust_remote_code=cfg.model.trust_remote_code)
@@ -159,6 +168,14 @@ def train(cfg: Config, folder: RunFolder, world_size: int) -> int:
                            train_embeddings=bool(setup.added_tokens) or resized)
     logger.info("model %s: attention %s, dtype %s, %s fine-tuning", cfg.model.model_name_or_path,
                 model.config._attn_implementation, model.dtype, cfg.finetune.finetuning_type)
+
+    ulysses = None
+    if sequence_parallel > 1:
+        from trainer.sequence_parallel.attention import enable_ulysses
+
+        ulysses = enable_ulysses(model, model.config._attn_implementation, sequence_parallel,
+                                 args.per_device_train_batch_size, tokenizer.pad_token_id)
+        logger.info("%s", describe(sequence_parallel, world_size, args.deepspeed_plugin.zero_stage))
 
     samples = SampleRecorder(load_sample_prompts(cfg), tokenizer, stop_ids, cfg.data.sample_max_new_tokens,
                              cfg.data.eval_metrics)
@@ -187,7 +204,7 @@ def train(cfg: Config, folder: RunFolder, world_size: int) -> int:
     trainer = SFTTrainer(
         model=model, args=args, train_dataset=data.train, eval_dataset=data.eval, data_collator=collator,
         processing_class=tokenizer, callbacks=callbacks, loss_impl=cfg.finetune.loss_impl,
-        tokens_per_micro_batch=args.per_device_train_batch_size * cfg.data.max_length,
+        tokens_per_micro_batch=args.per_device_train_batch_size * cfg.data.max_length, sequence_parallel=ulysses,
     )
     if generations is not None:
         generations.trainer = trainer
@@ -201,6 +218,8 @@ def train(cfg: Config, folder: RunFolder, world_size: int) -> int:
                        args.output_dir)
         return PREEMPTED_EXIT_CODE
 
+    if ulysses is not None:
+        logger.info("%s", ulysses.padding_summary())
     trainer.save_model()
     trainer.save_state()
     trainer.log_metrics("train", result.metrics)

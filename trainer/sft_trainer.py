@@ -31,6 +31,8 @@ from trainer.loss import CHUNKED_MIN_LOGITS, causal_lm_loss, chunked_lm_loss_uns
 from trainer.run.decide import barrier
 from trainer.run.disk import disk_full_as_error
 from trainer.run_config import training_args_without_secrets
+from trainer.sequence_parallel.attention import SequenceParallel, sequence_parallel_step
+from trainer.sequence_parallel.sampler import SequenceParallelSampler
 
 logger = logging.getLogger("sft")
 
@@ -65,8 +67,10 @@ class LossSetupError(UserError, ValueError):
 class SFTTrainer(Trainer):
     """The Trainer with full global batches, token accounting and ``--loss_impl`` (hf | chunked | auto)."""
 
-    def __init__(self, *args, loss_impl: str = "hf", tokens_per_micro_batch: int | None = None, **kwargs) -> None:
+    def __init__(self, *args, loss_impl: str = "hf", tokens_per_micro_batch: int | None = None,
+                 sequence_parallel: SequenceParallel | None = None, **kwargs) -> None:
         super().__init__(*args, **kwargs)
+        self.sequence_parallel = sequence_parallel  # --sequence_parallel_size > 1: training steps on row shards
         self._counts: torch.Tensor | None = None  # [tokens, label tokens] since the last log, on the device
         self._since: float | None = None  # set by the first training batch: model setup is not training time
         self.train_sampler: GlobalBatchSampler | None = None
@@ -126,17 +130,24 @@ class SFTTrainer(Trainer):
 
     def _global_batch_sampler(self, rows: int) -> GlobalBatchSampler:
         args = self.args
-        global_batch = args.per_device_train_batch_size * args.world_size * args.gradient_accumulation_steps
+        copies = self.sequence_parallel.size if self.sequence_parallel is not None else 1
+        global_batch = args.per_device_train_batch_size * (args.world_size // copies) * args.gradient_accumulation_steps
         seed = args.data_seed if args.data_seed is not None else args.seed
         sampler = GlobalBatchSampler(rows, global_batch, seed, drop_last=args.dataloader_drop_last)
         if rows % global_batch:
             logger.info("each epoch: %d rows in %d steps of %d; the last step %s", rows, len(sampler) // global_batch,
                         global_batch, f"has {rows % global_batch} rows (+ {sampler.empty_rows} empty ones)"
                         if sampler.empty_rows else f"is dropped ({rows % global_batch} rows, --dataloader_drop_last)")
+        if copies > 1:  # every rank of a sequence-parallel group takes the same rows
+            return SequenceParallelSampler(sampler, args.per_device_train_batch_size, copies)
         return sampler
 
     def training_step(self, model, inputs, num_items_in_batch=None):
-        loss = super().training_step(model, inputs, num_items_in_batch)
+        if self.sequence_parallel is not None:
+            loss = sequence_parallel_step(self.sequence_parallel, super().training_step, model, inputs,
+                                          num_items_in_batch)
+        else:
+            loss = super().training_step(model, inputs, num_items_in_batch)
         self.nonfinite.observe_loss(loss, self.state.global_step + 1)
         return loss
 

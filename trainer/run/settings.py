@@ -62,6 +62,8 @@ def run_settings(cfg: Config, setup: DataSetup, world_size: int) -> dict[str, An
     settings.update(options)  # max_length, packing, seed, val_size, max_samples, system, on_overlong, ...
     args = cfg.training
     settings["global_batch_size"] = args.per_device_train_batch_size * world_size * args.gradient_accumulation_steps
+    if cfg.finetune.sequence_parallel_size != 1:  # absent when off: checkpoints from before the flag still resume
+        settings["sequence_parallel_size"] = cfg.finetune.sequence_parallel_size
     for name in BATCHING:
         settings[name] = getattr(cfg.data, name) if hasattr(cfg.data, name) else getattr(args, name)
     for name in MODEL:
