@@ -65,7 +65,8 @@ def child(args: argparse.Namespace) -> None:
     if sp > 1:
         dist.init_process_group("gloo")
     torch.manual_seed(0)
-    model = AutoModelForCausalLM.from_config(AutoConfig.for_model("llama", **WIDE), attn_implementation="sdpa")
+    shape = {**WIDE, "num_hidden_layers": args.layers}
+    model = AutoModelForCausalLM.from_config(AutoConfig.for_model("llama", **shape), attn_implementation="sdpa")
     if spec["checkpointing"]:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     if spec["tiled"]:
@@ -80,6 +81,8 @@ def child(args: argparse.Namespace) -> None:
         group = enable_ulysses(model, "sdpa", sp, 1, 0)
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
 
+    saved_mib = [0.0]
+
     def step(tokens: int) -> float:
         from trainer.loss import causal_lm_loss
         from trainer.sequence_parallel.shard import shard_batch
@@ -89,12 +92,24 @@ def child(args: argparse.Namespace) -> None:
         batch = {"input_ids": ids, "labels": ids.clone(), "position_ids": torch.arange(tokens)[None]}
         shard = shard_batch(batch, sp, dist.get_rank() if sp > 1 else 0, 0)
         context = group.active() if group is not None else torch.enable_grad()
+        storages: dict[int, int] = {}
+
+        weights = {p.untyped_storage().data_ptr() for p in model.parameters()}
+
+        def pack(t):  # what autograd keeps for the backward, by storage (views share one), weights left out
+            storage = t.untyped_storage()
+            if storage.data_ptr() in weights:
+                return t
+            storages[storage.data_ptr()] = storage.nbytes()
+            return t
         with context:
-            if spec["loss"] == "chunked":
-                loss = causal_lm_loss(model, shard, tokens - 1)
-            else:
-                loss = model(**shard).loss * (shard["labels"] != -100).sum() / (tokens - 1)
+            with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+                if spec["loss"] == "chunked":
+                    loss = causal_lm_loss(model, shard, tokens - 1)
+                else:
+                    loss = model(**shard).loss * (shard["labels"] != -100).sum() / (tokens - 1)
             loss.backward()
+        saved_mib[0] = sum(storages.values()) / 2**20
         optimizer.step()
         optimizer.zero_grad(set_to_none=False)  # gradients stay allocated, as between the Trainer's steps
         return float(loss)
@@ -107,15 +122,16 @@ def child(args: argparse.Namespace) -> None:
     seconds = time.perf_counter() - start
     peak = memory_kib("VmHWM")
     result = {"rank": dist.get_rank() if sp > 1 else 0, "loss_part": loss, "seconds": round(seconds, 2),
-              "rss_before_mib": round(before / 1024, 1), "step_peak_mib": round((peak - before) / 1024, 1)}
+              "rss_before_mib": round(before / 1024, 1), "step_peak_mib": round((peak - before) / 1024, 1),
+              "saved_mib": round(saved_mib[0], 1)}
     print("RESULT " + json.dumps(result), flush=True)
     if sp > 1:
         dist.destroy_process_group()
 
 
-def run_one(contender: str, sp: int, tokens: int) -> dict:
+def run_one(contender: str, sp: int, tokens: int, layers: int = WIDE["num_hidden_layers"]) -> dict:
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(sp),
-           str(Path(__file__).resolve()), "--child", contender, "--tokens", str(tokens)]
+           str(Path(__file__).resolve()), "--child", contender, "--tokens", str(tokens), "--layers", str(layers)]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=REPO)
     ranks = [json.loads(line.split("RESULT ", 1)[1]) for line in proc.stdout.splitlines() if "RESULT " in line]
@@ -123,6 +139,7 @@ def run_one(contender: str, sp: int, tokens: int) -> dict:
         return {"contender": contender, "sp": sp, "tokens": tokens, "failed": proc.stderr[-1500:]}
     return {"contender": contender, "sp": sp, "tokens": tokens,
             "peak_mib": max(r["step_peak_mib"] for r in ranks), "seconds": max(r["seconds"] for r in ranks),
+            "saved_mib": max(r.get("saved_mib", float("nan")) for r in ranks),
             "loss": round(sum(r["loss_part"] for r in ranks), 6), "ranks": ranks}
 
 
@@ -148,10 +165,48 @@ def longest_row(contender: str, sp: int, budget_mib: float, start: int, limit: i
     return good
 
 
+def markdown(report: dict) -> str:
+    """The results as a table: per-rank peak added by the step, SP N / SP 1, seconds; then the longest rows."""
+    runs = {(r["contender"], r["sp"]): r for r in report["runs"]}
+    sizes = sorted({r["sp"] for r in report["runs"]})
+    model = report["model"]
+    lines = [f"# Sequence-parallel memory, {report['date']} ({report['device']})", "",
+             f"One optimizer step (forward, backward, AdamW) on one row of {report['tokens']:,} tokens, per process: "
+             f"{report['measure']}. Model: Llama-shaped, {model['num_hidden_layers']} layer(s), hidden "
+             f"{model['hidden_size']}, intermediate {model['intermediate_size']}, {model['num_attention_heads']} "
+             f"heads, vocabulary {model['vocab_size']:,}, fp32, sdpa; random weights, seed 0. SP N = N gloo processes "
+             "with DeepSpeed's Ulysses attention (`trainer.sequence_parallel`), each holding 1/N of the row. "
+             "Command: `python bench/sp_memory.py " + report.get("command", "") + "`.", "",
+             "Saved = bytes autograd keeps for the backward from the forward (saved-tensor hooks, by storage, weights "
+             "excluded; what "
+             "gradient checkpointing recomputes is not in it): activation memory proper.", "",
+             "| contender | " + " | ".join(f"SP{n} MiB/rank" for n in sizes) + " | "
+             + " | ".join(f"SP{n} saved MiB" for n in sizes) + " | "
+             + " | ".join(f"SP{n}/SP1" for n in sizes[1:]) + " | " + " | ".join(f"SP{n} s" for n in sizes) + " |",
+             "|---|" + "---:|" * (3 * len(sizes) + len(sizes) - 1)]
+    for contender in dict.fromkeys(r["contender"] for r in report["runs"]):
+        cells = [f"{runs[contender, n]['peak_mib']:,.0f}" if "peak_mib" in runs.get((contender, n), {}) else "failed"
+                 for n in sizes]
+        saved = [f"{runs[contender, n].get('saved_mib', float('nan')):,.0f}" if (contender, n) in runs else "-"
+                 for n in sizes]
+        ratio = [f"{report['ratios'].get(f'{contender} SP{n}/SP1', float('nan')):.2f}" for n in sizes[1:]]
+        secs = [f"{runs[contender, n]['seconds']:.1f}" if "seconds" in runs.get((contender, n), {}) else "-"
+                for n in sizes]
+        lines.append(f"| {contender} | " + " | ".join(cells + saved + ratio + secs) + " |")
+    losses = {f"{c} SP{n}": r["loss"] for (c, n), r in runs.items() if "loss" in r}
+    lines += ["", "Losses of the measured step (sum of the ranks' parts; SP must not change them): "
+              + ", ".join(f"{k} {v}" for k, v in losses.items()), ""]
+    if report.get("longest_row"):
+        lines += [f"Longest row whose step adds at most {report['budget_mib']:.0f} MiB per rank:", ""]
+        lines += [f"- {k}: {v:,} tokens" for k, v in report["longest_row"].items()]
+    return "\n".join(lines) + "\n"
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--child", help=argparse.SUPPRESS)
     parser.add_argument("--tokens", type=int, default=16384)
+    parser.add_argument("--layers", type=int, default=WIDE["num_hidden_layers"], help="decoder layers (default 1)")
     parser.add_argument("--sp", default="1,2", help="comma list of sequence-parallel sizes (default 1,2)")
     parser.add_argument("--contenders", default=",".join(CONTENDERS), help=f"comma list of {', '.join(CONTENDERS)}")
     parser.add_argument("--budget-mib", type=float, default=0, help="also find the longest row within this many MiB "
@@ -159,9 +214,15 @@ def main() -> None:
     parser.add_argument("--budget-contenders", default="chunked")
     parser.add_argument("--quick", action="store_true", help="1,024 tokens: a smoke test")
     parser.add_argument("--name", default=None, help="results file stem (default: none written)")
+    parser.add_argument("--from-json", help="rewrite the .md of a saved results .json and exit")
     args = parser.parse_args()
     if args.child:
         child(args)
+        return
+    if args.from_json:
+        path = Path(args.from_json)
+        path.with_suffix(".md").write_text(markdown(json.loads(path.read_text())))
+        print(path.with_suffix(".md").read_text())
         return
     tokens = 1024 if args.quick else args.tokens
     sizes = [int(s) for s in args.sp.split(",")]
@@ -169,9 +230,10 @@ def main() -> None:
     runs = []
     for contender in contenders:  # alternating SP sizes within a contender: fresh processes each
         for sp in sizes:
-            result = run_one(contender, sp, tokens)
+            result = run_one(contender, sp, tokens, args.layers)
             runs.append(result)
-            print(f"{contender:18s} SP{sp}: " + (f"{result['peak_mib']:8.1f} MiB per rank, {result['seconds']:6.1f} s, "
+            print(f"{contender:18s} SP{sp}: " + (f"{result['peak_mib']:8.1f} MiB per rank (saved for backward "
+                                                 f"{result['saved_mib']:.0f}), {result['seconds']:6.1f} s, "
                                                  f"loss {result['loss']}" if "failed" not in result
                                                  else "FAILED " + result["failed"][-400:]), flush=True)
     table = {(r["contender"], r["sp"]): r for r in runs if "failed" not in r}
@@ -196,9 +258,12 @@ def main() -> None:
         from harness import machine
 
         report = {"date": dt.date.today().isoformat(), "device": "CPU, 2 cores", "machine": machine(),
-                  "model": WIDE, "tokens": tokens, "measure": "VmHWM - VmRSS around the step (peak RSS added)",
-                  "runs": runs, "ratios": ratios, "budget_mib": args.budget_mib, "longest_row": longest}
+                  "model": {**WIDE, "num_hidden_layers": args.layers}, "tokens": tokens,
+                  "measure": "VmHWM - VmRSS around the step (peak RSS added)",
+                  "runs": runs, "ratios": ratios, "budget_mib": args.budget_mib, "longest_row": longest,
+                  "command": " ".join(sys.argv[1:])}
         (RESULTS / f"{args.name}.json").write_text(json.dumps(report, indent=1) + "\n")
+        (RESULTS / f"{args.name}.md").write_text(markdown(report))
         print(f"wrote {RESULTS / args.name}.json")
 
 
