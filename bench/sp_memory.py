@@ -28,6 +28,7 @@ import argparse
 import datetime as dt
 import json
 import os
+import re
 import subprocess
 import sys
 import time
@@ -134,7 +135,8 @@ def run_one(contender: str, sp: int, tokens: int, layers: int = WIDE["num_hidden
            str(Path(__file__).resolve()), "--child", contender, "--tokens", str(tokens), "--layers", str(layers)]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=REPO)
-    ranks = [json.loads(line.split("RESULT ", 1)[1]) for line in proc.stdout.splitlines() if "RESULT " in line]
+    # The ranks print at once: their lines can interleave, so results are found anywhere in the output.
+    ranks = [json.loads(found) for found in re.findall(r"RESULT (\{[^{}]*\})", proc.stdout)]
     if proc.returncode or len(ranks) != sp:
         return {"contender": contender, "sp": sp, "tokens": tokens, "failed": proc.stderr[-1500:]}
     return {"contender": contender, "sp": sp, "tokens": tokens,
