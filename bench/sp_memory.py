@@ -1,11 +1,12 @@
 """Per-process peak memory of one optimizer step on one long row: sequence parallel 1 vs 2 (vs 4), loss hf / chunked,
 tiled MLP, gradient checkpointing.
 
-Run from the repo root (takes the heavy-work lock itself is the caller's job)::
+Run from the repo root (on a shared machine, under a lock such as ``flock /tmp/heavy.lock``)::
 
-    python bench/sp_memory.py                          # 16,384 tokens, SP 1/2, the six contenders: a few minutes
+    python bench/sp_memory.py                          # 16,384 tokens, SP 1/2, the four contenders: ~5 min
     python bench/sp_memory.py --tokens 4096 --sp 1,2,4 --contenders hf
     python bench/sp_memory.py --quick                  # 1,024 tokens, a smoke test
+    python bench/sp_memory.py --layers 2 --name 2026-12-07-cpu-sp-memory-2layers   # writes bench/results/NAME.json/.md
 
 Why: a long row's activations, not the weights, set the memory of a step; Ulysses sequence parallelism gives each of
 N ranks 1/N of the row's tokens (attention sees the whole row through an all-to-all over heads), so per-rank
