@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import pytest
-from transformers import LlamaConfig
+from transformers import LlamaConfig, MistralConfig
 
 from trainer.args import parse_config
 from trainer.sequence_parallel.layout import SequenceParallelError, check_launch, check_model, describe
@@ -50,6 +50,12 @@ def test_models_whose_heads_ulysses_cannot_share_out_are_refused(tmp_path):
     assert "the model's 3 key/value heads must divide one another" in refusal(check_model, model(12, 3), "sdpa", 2)
     assert "cannot wrap eager attention" in refusal(check_model, model(4, 2), "eager", 2)
     check_model(model(4, 2), "sdpa", 2)
+    windowed = tmp_path / "mistral"
+    MistralConfig(hidden_size=32, num_attention_heads=4, num_key_value_heads=2, sliding_window=64).save_pretrained(
+        windowed)
+    assert "would drop the model's sliding window of 64 tokens" in refusal(
+        check_model, str(windowed), "sdpa", 2, False, 128)
+    check_model(str(windowed), "sdpa", 2, False, 64)  # rows no longer than the window: the mask changes nothing
     check_model(model(8, 2), "auto", 4)  # fewer key/value heads than ranks: replicated
     check_model(model(6, 6), "eager", 1)  # off
 

@@ -152,7 +152,8 @@ def train(cfg: Config, folder: RunFolder, world_size: int) -> int:
                           "(--val_size or --eval_dataset) and --eval_strategy steps or epoch")
     tokenizer, template = setup.tokenizer, setup.template
 
-    check_model(setup.model_path, cfg.model.attn_implementation, sequence_parallel, cfg.model.trust_remote_code)
+    check_model(setup.model_path, cfg.model.attn_implementation, sequence_parallel, cfg.model.trust_remote_code,
+                cfg.data.max_length)
     model = load_model(setup.model_path, finetuning_type=cfg.finetune.finetuning_type,
                        attn_implementation=cfg.model.attn_implementation, dtype=cfg.model.dtype,
                        trust_remote_code=cfg.model.trust_remote_code)
@@ -177,8 +178,10 @@ def train(cfg: Config, folder: RunFolder, world_size: int) -> int:
     if sequence_parallel > 1:
         from trainer.sequence_parallel.attention import enable_ulysses
 
-        ulysses = enable_ulysses(model, model.config._attn_implementation, sequence_parallel,
-                                 args.per_device_train_batch_size, tokenizer.pad_token_id)
+        attn = model.config._attn_implementation
+        flattened = cfg.data.padding_free or (cfg.data.packing and attn.startswith("flash_attention"))
+        ulysses = enable_ulysses(model, attn, sequence_parallel, 1 if flattened else args.per_device_train_batch_size,
+                                 tokenizer.pad_token_id)
         logger.info("%s", describe(sequence_parallel, world_size, args.deepspeed_plugin.zero_stage))
 
     samples = SampleRecorder(load_sample_prompts(cfg), tokenizer, stop_ids, cfg.data.sample_max_new_tokens,

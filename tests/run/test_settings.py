@@ -66,3 +66,13 @@ def test_every_setting_is_named_by_a_flag_the_user_can_pass(tmp_path, tiny_model
     flags = {action.dest for action in build_parser()._actions}
     named = [n for n in settings if not n.startswith(CONTENT) and n not in ("tokenizer", "template")]
     assert [n for n in named if n not in flags] == []
+
+
+def test_a_changed_sequence_parallel_size_is_refused_and_a_checkpoint_from_before_the_flag_means_1(tmp_path):
+    write_settings(tmp_path, {**OLD, "sequence_parallel_size": 2})
+    with pytest.raises(ResumeChangeError, match="--sequence_parallel_size 2 → 1"):
+        check_resume(tmp_path, {**OLD, "sequence_parallel_size": 1}, None)
+    write_settings(tmp_path, OLD)  # written before --sequence_parallel_size existed: trained without it
+    assert check_resume(tmp_path, {**OLD, "sequence_parallel_size": 1}, None) == []
+    with pytest.raises(ResumeChangeError, match="--sequence_parallel_size 1 → 2"):
+        check_resume(tmp_path, {**OLD, "sequence_parallel_size": 2}, None)

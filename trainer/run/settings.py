@@ -34,6 +34,8 @@ RESTORED = ("learning_rate", "weight_decay", "adam_beta1", "adam_beta2", "adam_e
 MODEL = ("model_name_or_path", "add_special_tokens", "finetuning_type", "lora_r", "lora_alpha", "lora_target",
          "modules_to_save", "use_dora")
 BATCHING = ("data_seed", "dataloader_drop_last", "padding_free")
+# Settings added after checkpoints were first written, and the value a checkpoint that lacks them was trained with.
+ABSENT_MEANS = {"sequence_parallel_size": 1}
 
 
 class ResumeChangeError(UserError, ValueError):
@@ -62,8 +64,7 @@ def run_settings(cfg: Config, setup: DataSetup, world_size: int) -> dict[str, An
     settings.update(options)  # max_length, packing, seed, val_size, max_samples, system, on_overlong, ...
     args = cfg.training
     settings["global_batch_size"] = args.per_device_train_batch_size * world_size * args.gradient_accumulation_steps
-    if cfg.finetune.sequence_parallel_size != 1:  # absent when off: checkpoints from before the flag still resume
-        settings["sequence_parallel_size"] = cfg.finetune.sequence_parallel_size
+    settings["sequence_parallel_size"] = cfg.finetune.sequence_parallel_size
     for name in BATCHING:
         settings[name] = getattr(cfg.data, name) if hasattr(cfg.data, name) else getattr(args, name)
     for name in MODEL:
@@ -108,6 +109,7 @@ def _label(name: str) -> str:
 
 def changes(old: dict[str, Any], new: dict[str, Any]) -> list[tuple[str, Any, Any]]:
     """Each setting whose value differs, as (name, old, new); a setting one side lacks counts as unset there."""
+    old, new = {**ABSENT_MEANS, **old}, {**ABSENT_MEANS, **new}
     return [(name, old.get(name), new.get(name)) for name in sorted(set(old) | set(new), key=_order(old, new))
             if old.get(name) != new.get(name)]
 

@@ -59,7 +59,8 @@ def check_launch(cfg: Config, world_size: int) -> None:
                                     f"--train_sampling_strategy random (not {args.train_sampling_strategy})")
 
 
-def check_model(model_path: str, attn_implementation: str, size: int, trust_remote_code: bool = False) -> None:
+def check_model(model_path: str, attn_implementation: str, size: int, trust_remote_code: bool = False,
+                max_length: int | None = None) -> None:
     """Refusals that need the model's configuration (read without its weights)."""
     if size == 1:
         return
@@ -86,6 +87,12 @@ def check_model(model_path: str, attn_implementation: str, size: int, trust_remo
         raise SequenceParallelError(
             f"{FLAG} {size} and the model's {kv_heads} key/value heads must divide one another (Ulysses splits or "
             f"replicates them); choose a divisor or multiple of {kv_heads} that divides {heads}")
+    window = getattr(config, "sliding_window", None) if getattr(config, "use_sliding_window", True) else None
+    if window and backend not in ISOLATING_BACKENDS and (max_length is None or max_length > window):
+        raise SequenceParallelError(
+            f"{FLAG} {size} on {backend} attention would drop the model's sliding window of {window} tokens (it lives "
+            f"in the mask, which Ulysses discards; rows of up to {max_length} tokens would attend beyond it): use "
+            f"flash_attention_2, which takes the window as an argument, or --max_length {window} at most")
 
 
 def describe(size: int, world_size: int, zero_stage: int | None) -> str:
