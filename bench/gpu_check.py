@@ -15,6 +15,9 @@ time or memory is recorded as such and the next one starts):
    load time, step time, peak memory.
 4. ``liger``: Qwen2.5-0.5B at 8,192 tokens with Liger's kernels off and on (``_apply_liger_kernel_to_instance``,
    as ``--use_liger_kernel`` applies them): tokens/s, peak memory, first-step loss difference.
+5. ``long_rows``: long-context memory on one GPU: Qwen2.5-0.5B, one row of 8k/16k/32k tokens, chunked loss and
+   gradient checkpointing, ``--tiled_mlp`` off and on: peak memory and step time per row length (the per-GPU curve
+   that sequence parallelism moves along; see docs/long_context.md).
 
 Results: ``RESULTS_DIR/<date>-gpu-check-<device>.json`` and ``.md`` (a dry run names itself ``dry-run-cpu``).
 """
@@ -257,7 +260,42 @@ def part_liger(spec: dict) -> dict:
     return out
 
 
-PARTS = {"isolation": part_isolation, "throughput": part_throughput, "qlora": part_qlora, "liger": part_liger}
+def part_long_rows(spec: dict) -> dict:
+    """The single-GPU memory curve vs row length for long-context training (docs/long_context.md): one step
+    (chunked loss, gradient checkpointing, bf16 autocast) per row length, tiled MLP off and on. Sequence
+    parallelism divides the row over N GPUs, so the SP N point of a row of L tokens is about this curve at L / N.
+    (Several GPUs: the SP case itself is bench/sp_memory.py's, which runs gloo on CPU and is not CUDA-ready yet.)"""
+    import torch
+
+    from trainer.data.packing import PackedCollator
+    from trainer.memory.tiled_mlp import apply_tiled_mlp
+
+    shape = MODELS[spec["model"]] if spec["model"] in MODELS else TINY[spec["model"]]
+    device = _device()
+    results = []
+    for seq_len in spec["seq_lens"]:
+        rows = synthetic_rows(1, seq_len, shape["vocab_size"], seed=0)
+        batch = {k: v.to(device) for k, v in PackedCollator(0, flatten=True)(rows[:1]).items()}
+        for tiled in (False, True):
+            model = _qwen(shape, "sdpa", torch.float32)
+            model.config.use_cache = False
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            if tiled:
+                apply_tiled_mlp(model)
+            _reset_peak()
+            try:
+                seconds, loss, tokens = _train_steps(model, [batch] * 3, "chunked",
+                                                     autocast=torch.cuda.is_available())
+                results.append({"seq_len": seq_len, "tiled_mlp": tiled, "step_s": seconds,
+                                "peak_memory_gib": _peak_gib(), "loss": loss})
+            except torch.OutOfMemoryError:
+                results.append({"seq_len": seq_len, "tiled_mlp": tiled, "error": "out of memory"})
+            del model
+    return {"results": results, "gpus": torch.cuda.device_count()}
+
+
+PARTS = {"isolation": part_isolation, "throughput": part_throughput, "qlora": part_qlora, "liger": part_liger,
+         "long_rows": part_long_rows}
 
 
 # ------------------------------------------------------------------------------------------------ orchestration
@@ -269,12 +307,14 @@ def plan(dry_run: bool, tmp: str) -> list[tuple[str, dict, float]]:
         return [("isolation", {"model": "tiny", "dry_run": True}, 120),
                 ("throughput", {"model": "tiny", "seq_lens": [256, 512], "steps": 3, "dry_run": True}, 120),
                 ("qlora", {"model": "tiny", "seq_len": 128, "dry_run": True, "tmp": tmp}, 120),
-                ("liger", {"model": "tiny", "seq_len": 256, "steps": 3, "dry_run": True}, 60)]
+                ("liger", {"model": "tiny", "seq_len": 256, "steps": 3, "dry_run": True}, 60),
+                ("long_rows", {"model": "tiny", "seq_lens": [256, 512], "dry_run": True}, 90)]
     return [("isolation", {"model": "qwen2.5-0.5b", "dry_run": False}, 70),
             ("throughput", {"model": "qwen2.5-0.5b", "seq_lens": [2048, 8192], "steps": 8, "dry_run": False}, 80),
             ("qlora", {"model": "breeze-7b", "seq_len": 2048, "dry_run": False, "tmp": tmp}, 150),
             ("liger", {"model": "qwen2.5-0.5b", "seq_len": 8192, "steps": 8, "dry_run": False}, 60),
-            ("throughput", {"model": "qwen2.5-1.5b", "seq_lens": [2048, 8192], "steps": 8, "dry_run": False}, 90)]
+            ("throughput", {"model": "qwen2.5-1.5b", "seq_lens": [2048, 8192], "steps": 8, "dry_run": False}, 90),
+            ("long_rows", {"model": "qwen2.5-0.5b", "seq_lens": [8192, 16384, 32768], "dry_run": False}, 90)]
 
 
 def run_part(name: str, spec: dict, seconds: float, work: Path) -> dict:
@@ -326,6 +366,11 @@ def markdown(report: dict) -> str:
             lines.append(f"save {part['save_s']:.0f} s, 4-bit load {part['load_s']:.0f} s, step {part['step_s']:.2f} s "
                          f"at {part['seq_len']} tokens ({part['tokens_per_s']:,.0f} tokens/s), peak "
                          f"{part['peak_memory_gib']:.2f} GiB")
+        elif part["part"] == "long_rows":
+            lines += ["| row tokens | tiled MLP | step s | peak GiB |", "|---:|---|---:|---:|"]
+            for r in part["results"]:
+                tail = r["error"] if "error" in r else f"{r['step_s']:.2f} | {r['peak_memory_gib']:.2f}"
+                lines.append(f"| {r['seq_len']} | {'on' if r['tiled_mlp'] else 'off'} | {tail} |")
         elif part["part"] == "liger":
             if "skipped" in part:
                 lines.append(f"skipped: {part['skipped']}")

@@ -214,6 +214,12 @@ class FinetuneArguments:
                   "attention) for rows too long for one GPU's activations. Needs a DeepSpeed launch with a multiple "
                   "of N processes; data-parallel size = processes / N, and --global_batch_size still counts rows."},
     )
+    tiled_mlp: bool = field(
+        default=False,
+        metadata={"help": "Run each decoder MLP over tiles of hidden-size tokens (DeepSpeed ALST TiledMLP): its large "
+                  "intermediate activations exist one tile at a time, for one more MLP forward per step. Exact; "
+                  "with or without --sequence_parallel_size, LoRA, gradient checkpointing. See docs/long_context.md."},
+    )
     overwrite_output_dir: bool = field(
         default=False,
         metadata={"help": "Start over in an output dir that holds a finished or unfinished run. The old run is moved "

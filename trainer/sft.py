@@ -167,6 +167,10 @@ def train(cfg: Config, folder: RunFolder, world_size: int) -> int:
 
         model = apply_lora(model, cfg.finetune, seed=args.seed, gradient_checkpointing=args.gradient_checkpointing,
                            train_embeddings=bool(setup.added_tokens) or resized)
+    if cfg.finetune.tiled_mlp:
+        from trainer.memory.tiled_mlp import apply_tiled_mlp
+
+        apply_tiled_mlp(model)
     logger.info("model %s: attention %s, dtype %s, %s fine-tuning", cfg.model.model_name_or_path,
                 model.config._attn_implementation, model.dtype, cfg.finetune.finetuning_type)
 

@@ -102,3 +102,22 @@ def test_sequence_parallel_without_deepspeed_is_refused_by_every_rank(uneven, tm
     refusals = [line for line in result.stderr.splitlines() if line.startswith("error: --sequence_parallel_size 2")]
     assert len(refusals) == 2 and "launch with DeepSpeed" in refusals[0], result.stderr[-3000:]
     assert "Loading" not in result.stderr and not (tmp_path / "out" / "model.safetensors").exists()
+
+
+def test_tiled_mlp_with_gradient_checkpointing_is_exact_with_and_without_sp(uneven, tmp_path):
+    """--tiled_mlp + gradient checkpointing: 1 process (rows up to ~190 tokens: 2 tiles of the 128-wide MLP) and SP 2
+    under ZeRO-3 (DeepSpeed's own TiledMLP on partitioned weights) end on the weights of an untiled process."""
+    one, tiled, sp = tmp_path / "one", tmp_path / "tiled", tmp_path / "sp"
+    longer = ("--max_length", "256")
+    run_sft(*args(uneven, one, "adamw_torch", "full", *EXACT, *longer, "--loss_impl", "hf"))
+    memory = ("--tiled_mlp", "true", "--gradient_checkpointing", "true")
+    result = run_sft(*args(uneven, tiled, "adamw_torch", "full", *EXACT, *longer, "--loss_impl", "hf", *memory))
+    assert "tiled MLP: 4 MLPs" in result.stderr
+    result = run_sft(*args(uneven, sp, "adamw_torch", "full", *EXACT, *longer, "--loss_impl", "hf", *memory,
+                           "--sequence_parallel_size", "2"), nproc=2, launch_config=str(REPO / LAUNCH["zero3"]))
+    assert "sequence parallel 2 x data parallel 1, ZeRO-3" in result.stderr and "tiled MLP: 4 MLPs" in result.stderr
+    for name, out in (("1 process", tiled), ("SP2 ZeRO-3", sp)):
+        difference = relative_difference(weights(one), weights(out))
+        print(f"tiled MLP + gradient checkpointing, {name} vs untiled 1 process: relative weight difference "
+              f"{difference:.2e}, max|dw| {max_abs_difference(weights(one), weights(out)):.1e}")
+        assert difference < 1e-5

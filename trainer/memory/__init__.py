@@ -1,0 +1,1 @@
+"""Memory savers for long rows (DeepSpeed's Arctic Long Sequence Training pieces), each behind its own flag."""
