@@ -28,6 +28,7 @@ import json
 import logging
 
 from trainer import markdown
+from trainer.console.errors import report_user_error
 from trainer.data.prompts import read_references
 from trainer.errors import UserError
 from trainer.generate import (
@@ -164,8 +165,7 @@ def main(argv: list[str] | None = None) -> int:
         print(_report(args, generator, items, references, tuned, scored, base, base_scored))
         return 0
     except (UserError, OSError) as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
+        return report_user_error(error)
 
 
 if __name__ == "__main__":

@@ -30,6 +30,7 @@ from transformers.trainer_utils import set_seed
 
 from trainer import markdown
 from trainer.checkpoints import complete_checkpoints
+from trainer.console.errors import report_user_error
 from trainer.data.formats import iter_records
 from trainer.data.prompts import Prompt, read_prompts, to_prompt
 from trainer.data.templates import resolve_template
@@ -350,8 +351,7 @@ def main(argv: list[str] | None = None) -> int:
         generator = Generator(args)
         return generator.run_file(items) if items is not None else generator.run_interactive()
     except (UserError, OSError) as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
+        return report_user_error(error)
 
 
 if __name__ == "__main__":

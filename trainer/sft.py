@@ -27,6 +27,7 @@ from trainer.callbacks.checkpoints import CheckpointCallback
 from trainer.callbacks.eval_generation import EvalGenerationCallback
 from trainer.callbacks.isolation import PackingIsolationCallback
 from trainer.callbacks.preemption import PREEMPTED_EXIT_CODE, PreemptionCallback
+from trainer.console.errors import report_user_error
 from trainer.data.packing import PackedCollator, PaddedCollator, PaddingFreeCollator, install_isolation_guard
 from trainer.data.prompts import to_prompt
 from trainer.data.templates import end_of_turn_token_id
@@ -218,8 +219,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         cfg = parse_config(argv)
     except ConfigError as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
+        return report_user_error(error)
     setup_logging(cfg)
     finished = False
     try:
@@ -227,9 +227,7 @@ def main(argv: list[str] | None = None) -> int:
         finished = code == 0
         return code
     except UserError as error:
-        logger.error("%s", error)
-        print(f"error: {error}", file=sys.stderr)
-        return 2
+        return report_user_error(error)
     finally:
         shut_down_distributed(wait_for_the_others=finished)
 
