@@ -24,6 +24,7 @@ from trainer import outputs
 from trainer.args import Config, ConfigError, parse_config
 from trainer.batch import gradient_accumulation_for, world_size_from_env
 from trainer.callbacks.checkpoints import CheckpointCallback
+from trainer.callbacks.console_log import use_compact_log
 from trainer.callbacks.eval_generation import EvalGenerationCallback
 from trainer.callbacks.isolation import PackingIsolationCallback
 from trainer.callbacks.preemption import PREEMPTED_EXIT_CODE, PreemptionCallback
@@ -190,6 +191,7 @@ def train(cfg: Config, folder: RunFolder, world_size: int) -> int:
         processing_class=tokenizer, callbacks=callbacks, loss_impl=cfg.finetune.loss_impl,
         tokens_per_micro_batch=args.per_device_train_batch_size * cfg.data.max_length,
     )
+    use_compact_log(trainer)
     if generations is not None:
         generations.trainer = trainer
     folder.begin()  # configuration, data and model checked: only now may a replaced run be moved aside

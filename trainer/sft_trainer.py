@@ -24,6 +24,7 @@ from trainer.batch import GlobalBatchSampler, with_empty_row
 from trainer.callbacks.checkpoints import CheckpointCallback
 from trainer.callbacks.nonfinite import NonFiniteGuard
 from trainer.checkpoints import remove_folder
+from trainer.console.tied_keys import without_tied_keys
 from trainer.data.templates import IGNORE_INDEX
 from trainer.errors import UserError
 from trainer.file_modes import readable_weights
@@ -217,6 +218,10 @@ class SFTTrainer(Trainer):
             self.args = args
         if args.should_save:
             readable_weights(output_dir or args.output_dir)
+
+    def _issue_warnings_after_load(self, load_result) -> None:
+        # A tied head is stored once (as the embedding): listed as missing on every correct resume, it is no warning.
+        super()._issue_warnings_after_load(without_tied_keys(self.model, load_result))
 
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
         if "loss" in logs:  # a training log line (all ranks log together, so the all-reduce is safe)
