@@ -107,8 +107,8 @@ def check_hub_model(repo_id: str, flag: str, probe=hub_reachable) -> None:
         return
     if _offline():
         raise ModelSourceError(f"{flag} {repo_id}: not in the local Hugging Face cache and HF_HUB_OFFLINE is set; "
-                               "download it where there is network (hf download " + repo_id + ") and give the "
-                               "folder, or unset HF_HUB_OFFLINE")
+                               f"download it where there is network (hf download {repo_id} --local-dir DIR) and "
+                               "give DIR, or unset HF_HUB_OFFLINE")
     if not probe():
         host, _ = _hub_endpoint()
         raise ModelSourceError(f"{flag} {repo_id}: {host} cannot be reached (no answer in {PROBE_TIMEOUT_S:.0f} s) "
