@@ -22,12 +22,17 @@ from pathlib import Path
 
 if __package__ in (None, ""):  # run as a script: import the package from the repo root, not from trainer/
     sys.path[0] = str(Path(__file__).resolve().parents[1])
+if sys.argv[1:] in (["-h"], ["--help"]):  # the rendered help, before the heavy imports (trainer/console/fast_help.py)
+    from trainer.console.fast_help import serve_help
+
+    serve_help("trainer/evaluate.py", "trainer.evaluate:build_parser")
 
 import argparse
 import json
 import logging
 
 from trainer import markdown
+from trainer.console.errors import report_user_error
 from trainer.data.prompts import read_references
 from trainer.errors import UserError
 from trainer.generate import (
@@ -164,8 +169,7 @@ def main(argv: list[str] | None = None) -> int:
         print(_report(args, generator, items, references, tuned, scored, base, base_scored))
         return 0
     except (UserError, OSError) as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
+        return report_user_error(error)
 
 
 if __name__ == "__main__":

@@ -17,6 +17,10 @@ from pathlib import Path
 
 if __package__ in (None, ""):  # run as a script: import the package from the repo root, not from trainer/
     sys.path[0] = str(Path(__file__).resolve().parents[1])
+if sys.argv[1:] in (["-h"], ["--help"]):  # the rendered help, before the heavy imports (trainer/console/fast_help.py)
+    from trainer.console.fast_help import serve_help
+
+    serve_help("trainer/generate.py", "trainer.generate:build_parser")
 
 import argparse
 import json
@@ -30,6 +34,7 @@ from transformers.trainer_utils import set_seed
 
 from trainer import markdown
 from trainer.checkpoints import complete_checkpoints
+from trainer.console.errors import report_user_error
 from trainer.data.formats import iter_records
 from trainer.data.prompts import Prompt, read_prompts, to_prompt
 from trainer.data.templates import resolve_template
@@ -364,8 +369,7 @@ def main(argv: list[str] | None = None) -> int:
         generator = Generator(args)
         return generator.run_file(items) if items is not None else generator.run_interactive()
     except (UserError, OSError) as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
+        return report_user_error(error)
 
 
 if __name__ == "__main__":

@@ -16,6 +16,10 @@ from pathlib import Path
 
 if __package__ in (None, ""):  # run as a script: import the package from the repo root, not from trainer/
     sys.path[0] = str(Path(__file__).resolve().parents[1])
+if sys.argv[1:] in (["-h"], ["--help"]):  # the rendered help, before the heavy imports (trainer/console/fast_help.py)
+    from trainer.console.fast_help import serve_help
+
+    serve_help("trainer/merge.py", "trainer.merge:build_parser")
 
 import argparse
 import logging
@@ -24,6 +28,7 @@ import shutil
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
+from trainer.console.errors import report_user_error
 from trainer.errors import UserError
 from trainer.file_modes import readable_weights, staging_dir
 from trainer.inference import is_adapter, is_model, load_for_inference
@@ -140,8 +145,7 @@ def main(argv: list[str] | None = None) -> int:
         output = merge_adapter(args.adapter, args.output, base_model=args.base_model, dtype=DTYPES[args.dtype],
                                max_shard_size=args.max_shard_size, force=args.force)
     except UserError as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
+        return report_user_error(error)
     print(output)
     return 0
 

@@ -26,6 +26,7 @@ from trainer.data.registry import cache_root
 from trainer.data.sources import Source, resolve_sources
 from trainer.data.templates import resolve_template
 from trainer.model import add_special_tokens, load_tokenizer
+from trainer.model_source import check_model_source
 from trainer.tiny import build_tiny_model, is_builtin
 
 logger = logging.getLogger("sft")
@@ -95,6 +96,7 @@ def setup_data(cfg: Config) -> DataSetup:
         texts = _texts(train_sources, data_options(cfg))
         model_path = str(build_tiny_model(model_path, texts,
                                           key=_sources_key(train_sources, data.max_samples)))
+    check_model_source(model_path)  # one sentence for an empty, partial, missing or unreachable model
     tokenizer = load_tokenizer(model_path, cfg.model.trust_remote_code)
     added = add_special_tokens(tokenizer, cfg.model.add_special_tokens.split(",")) \
         if cfg.model.add_special_tokens else []

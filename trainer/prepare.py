@@ -14,11 +14,16 @@ from pathlib import Path
 
 if __package__ in (None, ""):  # run as a script: import the package from the repo root, not from trainer/
     sys.path[0] = str(Path(__file__).resolve().parents[1])
+if sys.argv[1:] in (["-h"], ["--help"]):  # the rendered help, before the heavy imports (trainer/console/fast_help.py)
+    from trainer.console.fast_help import serve_help
+
+    serve_help("trainer/prepare.py", "trainer.args:build_parser")
 
 import logging
 import os
 
 from trainer.args import ConfigError, parse_config
+from trainer.console.errors import report_user_error
 from trainer.errors import UserError
 from trainer.preparation import prepare, setup_data
 
@@ -29,16 +34,14 @@ def main(argv: list[str] | None = None) -> int:
     try:
         cfg = parse_config(argv, prog="trainer/prepare.py")
     except ConfigError as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
+        return report_user_error(error)
     logging.basicConfig(format="[%(asctime)s] %(name)s: %(message)s", datefmt="%H:%M:%S", level=logging.INFO)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     try:
         setup = setup_data(cfg)
         prepared = prepare(cfg, setup, show_progress=True)
     except UserError as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
+        return report_user_error(error)
     logger.info("%s", prepared.report.summary())
     print(prepared.folder)
     return 0

@@ -12,6 +12,10 @@ from pathlib import Path
 
 if __package__ in (None, ""):  # run as a script: import the package from the repo root, not from trainer/
     sys.path[0] = str(Path(__file__).resolve().parents[1])
+if sys.argv[1:] in (["-h"], ["--help"]):  # the rendered help, before the heavy imports (trainer/console/fast_help.py)
+    from trainer.console.fast_help import serve_help
+
+    serve_help("trainer/sft.py", "trainer.args:build_parser")
 
 import logging
 import os
@@ -24,9 +28,11 @@ from trainer import outputs
 from trainer.args import Config, ConfigError, parse_config
 from trainer.batch import gradient_accumulation_for, world_size_from_env
 from trainer.callbacks.checkpoints import CheckpointCallback
+from trainer.callbacks.console_log import use_compact_log
 from trainer.callbacks.eval_generation import EvalGenerationCallback
 from trainer.callbacks.isolation import PackingIsolationCallback
 from trainer.callbacks.preemption import PREEMPTED_EXIT_CODE, PreemptionCallback
+from trainer.console.errors import report_user_error
 from trainer.data.packing import PackedCollator, PaddedCollator, PaddingFreeCollator, install_isolation_guard
 from trainer.data.prompts import to_prompt
 from trainer.data.templates import end_of_turn_token_id
@@ -213,6 +219,7 @@ def train(cfg: Config, folder: RunFolder, world_size: int) -> int:
         processing_class=tokenizer, callbacks=callbacks, loss_impl=cfg.finetune.loss_impl,
         tokens_per_micro_batch=args.per_device_train_batch_size * cfg.data.max_length, sequence_parallel=ulysses,
     )
+    use_compact_log(trainer)
     if generations is not None:
         generations.trainer = trainer
     folder.begin()  # configuration, data and model checked: only now may a replaced run be moved aside
@@ -244,8 +251,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         cfg = parse_config(argv)
     except ConfigError as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
+        return report_user_error(error)
     setup_logging(cfg)
     finished = False
     try:
@@ -253,9 +259,7 @@ def main(argv: list[str] | None = None) -> int:
         finished = code == 0
         return code
     except UserError as error:
-        logger.error("%s", error)
-        print(f"error: {error}", file=sys.stderr)
-        return 2
+        return report_user_error(error)
     finally:
         shut_down_distributed(wait_for_the_others=finished)
 

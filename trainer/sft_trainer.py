@@ -25,6 +25,7 @@ from trainer.callbacks.checkpoints import CheckpointCallback
 from trainer.callbacks.nonfinite import NonFiniteGuard
 from trainer.callbacks.run_loss import LogEveryCheckpointAndLastStep, run_train_loss
 from trainer.checkpoints import remove_folder
+from trainer.console.tied_keys import without_tied_keys
 from trainer.data.templates import IGNORE_INDEX
 from trainer.errors import UserError
 from trainer.eval_loss import TokenWeightedEvalLoss
@@ -255,6 +256,10 @@ class SFTTrainer(Trainer):
     def train(self, *args, **kwargs):
         result = super().train(*args, **kwargs)
         return result._replace(training_loss=result.metrics.get("train_loss", result.training_loss))
+
+    def _issue_warnings_after_load(self, load_result) -> None:
+        # A tied head is stored once (as the embedding): listed as missing on every correct resume, it is no warning.
+        super()._issue_warnings_after_load(without_tied_keys(self.model, load_result))
 
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
         if "loss" in logs:  # a training log line (all ranks log together, so the all-reduce is safe)
