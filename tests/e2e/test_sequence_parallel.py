@@ -101,7 +101,8 @@ def test_sequence_parallel_without_deepspeed_is_refused_once(uneven, tmp_path):
     assert result.returncode != 0
     # Every rank refuses; the main one reports it, once, as the root cause of the launcher's failure summary.
     output = result.stdout + result.stderr
-    sentence = "error: --sequence_parallel_size 2 runs on DeepSpeed's Ulysses sequence parallelism: launch with DeepSpeed"
+    sentence = ("error: --sequence_parallel_size 2 runs on DeepSpeed's Ulysses sequence parallelism: "
+                "launch with DeepSpeed")
     assert output.count(sentence) == 1 and f"traceback : {sentence}" in output, output[-3000:]
     assert "Loading" not in result.stderr and not (tmp_path / "out" / "model.safetensors").exists()
 
