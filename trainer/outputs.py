@@ -12,11 +12,24 @@ FINISHED_MARKER = "train_results.json"
 
 
 def model_for_generation(trainer, output_dir: str):
-    """The trained model for sampling on the main process: in memory, or reloaded where ZeRO-3 shards it."""
+    """The trained model for sampling on the main process: in memory, or reloaded where ZeRO-3 shards it.
+
+    The reload runs on the main process alone, so it must not go through DeepSpeed's ZeRO-3 initialisation: while the
+    run's DeepSpeed configuration is registered with transformers, ``from_pretrained`` partitions the new model with a
+    broadcast to every rank, which the others (done, waiting to leave) never join, and the run hangs after saving.
+    """
     if trainer.is_deepspeed_enabled and trainer.accelerator.state.deepspeed_plugin.zero_stage == 3:
+        from transformers.integrations.deepspeed import set_hf_deepspeed_config, unset_hf_deepspeed_config
+
         from trainer.inference import load_for_inference
 
-        model, _ = load_for_inference(output_dir, device=trainer.args.device)
+        registered = getattr(trainer.args, "hf_deepspeed_config", None)
+        unset_hf_deepspeed_config()
+        try:
+            model, _ = load_for_inference(output_dir, device=trainer.args.device)
+        finally:
+            if registered is not None:
+                set_hf_deepspeed_config(registered)
         return model
     return trainer.accelerator.unwrap_model(trainer.model)
 

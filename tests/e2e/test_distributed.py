@@ -13,7 +13,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from tests.conftest import DEMO_RECIPE, REPO, run_sft, sft_command
+from tests.conftest import DEMO_RECIPE, DEMO_TEST, REPO, run_sft, sft_command
 from tests.e2e.test_resume import kill_job, wait_for
 
 pytestmark = pytest.mark.slow
@@ -165,11 +165,13 @@ def _generations(out: Path) -> list[list[str]]:
 @pytest.mark.parametrize("launch", ["ddp", "zero3"])
 def test_generation_scores_at_evaluation_on_two_processes(launch, tang_slice, tmp_path):
     """--eval_generate under DDP and ZeRO-3 (every rank generates its share, synced under ZeRO-3): the same
-    predictions and scores as one process, logged once; and the same eval_loss."""
+    predictions and scores as one process, logged once; and the same eval_loss. The samples after training (under
+    ZeRO-3 from the saved model, reloaded on the main process alone) are those of one process, and the run ends."""
     import json
 
     extra = ("--val_size", "16", "--eval_strategy", "steps", "--eval_steps", "2", "--eval_generate", "5",
-             "--sample_max_new_tokens", "6", "--eval_metrics", "exact_match,rouge_l,chrf")
+             "--sample_max_new_tokens", "6", "--eval_metrics", "exact_match,rouge_l,chrf",
+             "--sample_prompts", str(DEMO_TEST), "--num_sample_prompts", "2")
     single, double = tmp_path / "single", tmp_path / "double"
     run_sft(*args(tang_slice, single, "adamw_torch", "full", *extra))
     result = run_sft(*args(tang_slice, double, "adamw_torch", "full", *extra), nproc=2,
@@ -188,3 +190,6 @@ def test_generation_scores_at_evaluation_on_two_processes(launch, tang_slice, tm
     reference_losses = [h["eval_loss"] for h in json.loads((single / "trainer_state.json").read_text())["log_history"]
                         if "eval_loss" in h]
     assert len(eval_losses) == 2 and eval_losses == pytest.approx(reference_losses, rel=1e-6)
+    after = [row["after"] for row in json.loads((double / "samples.json").read_text(encoding="utf-8"))]
+    assert len(after) == 2 and after == [row["after"] for row in
+                                         json.loads((single / "samples.json").read_text(encoding="utf-8"))]
