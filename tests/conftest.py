@@ -78,6 +78,21 @@ def tiny_model_dir(tang_records) -> Path:
     return build_tiny_model("builtin:tiny-llama", texts, seed=0)
 
 
+def raised_and_peak_memory(error: type[Exception], call, *args, **kwargs) -> tuple[Exception, int]:
+    """The ``error`` that ``call(*args, **kwargs)`` raises, and the peak Python memory it held meanwhile (bytes):
+    for readers that must refuse a huge record without loading it whole."""
+    import tracemalloc
+
+    tracemalloc.start()
+    try:
+        with pytest.raises(error) as caught:
+            call(*args, **kwargs)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    return caught.value, peak
+
+
 def sft_command(*args: str, nproc: int = 1, launch_config: str | None = None,
                 env: dict | None = None) -> tuple[list[str], dict]:
     """The command line and environment that run the real entry point: plain python, or accelerate with

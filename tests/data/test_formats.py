@@ -4,7 +4,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import DEMO_DATA, DEMO_TEST, needs_full_data, shared_file
+from tests.conftest import DEMO_DATA, DEMO_TEST, needs_full_data, raised_and_peak_memory, shared_file
 from trainer.data.formats import DataError, SkippedRecord, detect_format, read_conversations
 
 
@@ -354,17 +354,9 @@ def _one_big_record(path: Path, text_bytes: int, records_after: int = 1) -> Path
 def test_a_record_over_the_size_limit_is_refused_without_being_read_whole(tmp_path):
     """One 68 MB record took 13.5 GB to become 64 tokens: the reader refuses a record over --max_record_mb by its
     file:line and size, and never holds more of it than the limit plus one read chunk."""
-    import tracemalloc
-
     path = _one_big_record(tmp_path / "d.jsonl", 24 << 20)
-    tracemalloc.start()
-    try:
-        with pytest.raises(DataError) as caught:
-            read_conversations(path, max_record_bytes=1 << 20)
-        _, peak = tracemalloc.get_traced_memory()
-    finally:
-        tracemalloc.stop()
-    message = str(caught.value)
+    error, peak = raised_and_peak_memory(DataError, read_conversations, path, max_record_bytes=1 << 20)
+    message = str(error)
     assert message.startswith(f"{path}:2: record of 25,165,8") and "--max_record_mb" in message, message
     assert peak < 12 << 20, f"the reader held {peak / 2**20:.0f} MiB of a 24 MiB record"
     skipped = read_conversations(path, on_bad_record="skip", max_record_bytes=1 << 20)

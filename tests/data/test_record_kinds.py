@@ -6,6 +6,7 @@ import json
 
 import pytest
 
+from tests.conftest import raised_and_peak_memory
 from tests.generated_data import TOOLS, sharegpt_trajectory, trajectory, write_all, write_jsonl
 from trainer.data.formats import DataError, RecordReader, detect_format, read_records
 from trainer.data.items import Chat, Completion, Document
@@ -115,19 +116,11 @@ def test_a_record_without_tools_may_call_functions_its_system_prompt_describes(t
 def test_a_txt_file_over_the_size_limit_is_refused_by_name_without_being_read_whole(tmp_path):
     """A .txt file is one record (one document): over --max_record_mb it is refused by file and size, and never
     read further than the limit plus one read chunk, as a .jsonl line over it is."""
-    import tracemalloc
-
     book = tmp_path / "book.txt"
     book.write_text("詩" * (8 << 20), encoding="utf-8")  # 24 MiB of text
-    tracemalloc.start()
-    try:
-        with pytest.raises(DataError) as caught:
-            read_records(book, max_record_bytes=1 << 20)
-        _, peak = tracemalloc.get_traced_memory()
-    finally:
-        tracemalloc.stop()
-    assert str(caught.value).startswith(f"{book}:1: text file (one document) of 25,165,824 bytes is over the limit "
-                                        "of 1,048,576 bytes set by --max_record_mb"), caught.value
+    error, peak = raised_and_peak_memory(DataError, read_records, book, max_record_bytes=1 << 20)
+    assert str(error).startswith(f"{book}:1: text file (one document) of 25,165,824 bytes is over the limit "
+                                 "of 1,048,576 bytes set by --max_record_mb"), error
     assert peak < 8 << 20, f"the reader held {peak / 2**20:.0f} MiB of a 24 MiB file"
     with pytest.raises(DataError, match=r"book\.txt:1: no usable records: .* text file \(one document\) of 25,165"):
         read_records(book, on_bad_record="skip", max_record_bytes=1 << 20)  # the file is its only record
