@@ -19,6 +19,7 @@ import torch
 import torch.nn.functional as F
 
 from trainer.data.templates import IGNORE_INDEX
+from trainer.loss import next_token_labels
 
 _CHUNK_TOKENS = 256
 
@@ -40,7 +41,7 @@ class TokenWeightedEvalLoss:
         if logits is None or labels is None or logits.dim() != 3:
             self._complete = False
             return
-        targets = F.pad(labels, (0, 1), value=IGNORE_INDEX)[..., 1:].to(logits.device)
+        targets = next_token_labels(labels).to(logits.device)
         rows, length = targets.shape
         flat_logits, flat_targets = logits.flatten(0, 1), targets.flatten()
         labelled = (flat_targets != IGNORE_INDEX).nonzero().squeeze(1)

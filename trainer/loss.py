@@ -100,6 +100,11 @@ def chunked_lm_loss_unsupported(model: torch.nn.Module) -> str | None:
     return None
 
 
+def next_token_labels(labels: torch.Tensor) -> torch.Tensor:
+    """Labels shifted so that position t holds the target of position t (label t+1); the last position has none."""
+    return F.pad(labels, (0, 1), value=IGNORE_INDEX)[..., 1:]
+
+
 def should_use_chunked(model: torch.nn.Module, tokens_per_micro_batch: int) -> bool:
     """``--loss_impl auto``: chunk when the logits of a micro-batch reach ``CHUNKED_MIN_LOGITS`` and it is exact."""
     vocab = causal_lm(model).config.get_text_config().vocab_size  # the config: under ZeRO-3 weights are placeholders
@@ -132,7 +137,7 @@ def causal_lm_loss(
     if shift_labels is None:
         if "labels" not in inputs:
             raise ValueError("causal_lm_loss needs labels (or shift_labels) in the inputs")
-        shift_labels = F.pad(inputs["labels"], (0, 1), value=IGNORE_INDEX)[..., 1:]  # position t predicts label t+1
+        shift_labels = next_token_labels(inputs["labels"])
     shift_labels = shift_labels.to(hidden.device)
     labelled = shift_labels != IGNORE_INDEX
     hidden, targets = hidden[labelled], shift_labels[labelled]  # (label tokens, hidden): the only ones the head sees

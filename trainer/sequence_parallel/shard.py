@@ -12,6 +12,7 @@ import torch
 import torch.nn.functional as F
 
 from trainer.data.templates import IGNORE_INDEX
+from trainer.loss import next_token_labels
 
 
 def padding_for(length: int, size: int) -> int:
@@ -33,7 +34,7 @@ def shard_batch(batch: dict, size: int, rank: int, pad_token_id: int) -> dict[st
     position_ids = batch.get("position_ids")
     if position_ids is None:
         position_ids = torch.arange(length, device=input_ids.device).expand(rows, length)
-    shifted = F.pad(labels, (0, 1), value=IGNORE_INDEX)[:, 1:]
+    shifted = next_token_labels(labels)
     pad = padding_for(length, size)
     if pad:
         input_ids = F.pad(input_ids, (0, pad), value=pad_token_id)
